@@ -1,0 +1,116 @@
+/*
+ * vg_activation_body.h -- one body for the float and double twins.
+ *
+ * Included twice by vg_activations.h with VG_T the scalar type, VG_SFX the
+ * name suffix and VG_EXP ... VG_ERFC_FN (libm names) the matching libm functions.  Do not
+ * include it directly.
+ */
+
+typedef struct {
+    VG_T value;      /* phi(h)  */
+    VG_T derivative; /* phi'(h) */
+} VG_SFX(vg_pair);
+
+/* exp(-|h|) / (1 + exp(-|h|)) and its complement: sigmoid(h) and
+   1 - sigmoid(h) without evaluating exp of a positive number. */
+VG_HOST_DEVICE static inline void VG_SFX(vg_sigmoid_parts)(VG_T h, VG_T *s, VG_T *one_minus_s)
+{
+    if (h >= (VG_T)0) {
+        VG_T e = VG_EXP(-h);
+        *s = (VG_T)1 / ((VG_T)1 + e);
+        *one_minus_s = e / ((VG_T)1 + e);
+    } else {
+        VG_T e = VG_EXP(h);
+        *s = e / ((VG_T)1 + e);
+        *one_minus_s = (VG_T)1 / ((VG_T)1 + e);
+    }
+}
+
+VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation)(int kind, VG_T h)
+{
+    VG_SFX(vg_pair) r;
+    VG_T s, oms, e;
+    switch (kind) {
+    case VG_SIGMOID:
+        VG_SFX(vg_sigmoid_parts)(h, &s, &oms);
+        r.value = s;
+        r.derivative = s * oms;
+        break;
+    case VG_TANH:
+        /* tanh'(h) = sech^2(h) = 4 e / (1 + e)^2, e = exp(-2|h|) */
+        e = VG_EXP((VG_T)-2 * (h < (VG_T)0 ? -h : h));
+        r.value = VG_TANH_FN(h);
+        r.derivative = (VG_T)4 * e / (((VG_T)1 + e) * ((VG_T)1 + e));
+        break;
+    case VG_RELU:
+        r.value = h > (VG_T)0 ? h : (VG_T)0;
+        r.derivative = h > (VG_T)0 ? (VG_T)1 : (VG_T)0;
+        break;
+    case VG_LEAKY_RELU:
+        r.value = h > (VG_T)0 ? h : (VG_T)VG_LEAKY_SLOPE * h;
+        r.derivative = h > (VG_T)0 ? (VG_T)1 : (VG_T)VG_LEAKY_SLOPE;
+        break;
+    case VG_ELU:
+        if (h > (VG_T)0) {
+            r.value = h;
+            r.derivative = (VG_T)1;
+        } else {
+            r.value = VG_EXPM1(h);
+            r.derivative = VG_EXP(h);
+        }
+        break;
+    case VG_SELU:
+        if (h > (VG_T)0) {
+            r.value = (VG_T)VG_SELU_SCALE * h;
+            r.derivative = (VG_T)VG_SELU_SCALE;
+        } else {
+            r.value = (VG_T)(VG_SELU_SCALE * VG_SELU_ALPHA) * VG_EXPM1(h);
+            r.derivative = (VG_T)(VG_SELU_SCALE * VG_SELU_ALPHA) * VG_EXP(h);
+        }
+        break;
+    case VG_GELU: {
+        /* exact GELU: h Phi(h), Phi(h) = erfc(-h / sqrt 2) / 2 */
+        VG_T cdf = (VG_T)0.5 * VG_ERFC_FN(-h * (VG_T)VG_SQRT1_2);
+        VG_T pdf = (VG_T)VG_INV_SQRT_2PI * VG_EXP((VG_T)-0.5 * h * h);
+        r.value = h * cdf;
+        r.derivative = cdf + h * pdf;
+        break;
+    }
+    case VG_SILU:
+        VG_SFX(vg_sigmoid_parts)(h, &s, &oms);
+        r.value = h * s;
+        r.derivative = s * ((VG_T)1 + h * oms);
+        break;
+    case VG_SOFTPLUS:
+        /* log(1 + e^h) = max(h, 0) + log1p(e^-|h|) */
+        VG_SFX(vg_sigmoid_parts)(h, &s, &oms);
+        r.value = (h > (VG_T)0 ? h : (VG_T)0) + VG_LOG1P(VG_EXP(h < (VG_T)0 ? h : -h));
+        r.derivative = s;
+        break;
+    case VG_ERF:
+        r.value = VG_ERF_FN(h);
+        r.derivative = (VG_T)VG_TWO_INV_SQRT_PI * VG_EXP(-h * h);
+        break;
+    case VG_LINEAR:
+    default:
+        r.value = h;
+        r.derivative = (VG_T)1;
+        break;
+    }
+    return r;
+}
+
+/*
+ * In place over a contiguous block: h[i] <- phi(h[i]), derivative[i] <-
+ * phi'(h[i]).  The switch is hoisted out of the loop by the compiler once
+ * vg_activation is inlined with a loop-invariant kind.
+ */
+static inline void VG_SFX(vg_activation_block)(int kind, VG_T *h, VG_T *derivative, long count)
+{
+    long i;
+    for (i = 0; i < count; ++i) {
+        VG_SFX(vg_pair) r = VG_SFX(vg_activation)(kind, h[i]);
+        h[i] = r.value;
+        derivative[i] = r.derivative;
+    }
+}
