@@ -101,16 +101,41 @@ VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation)(int kind, VG_
 }
 
 /*
- * In place over a contiguous block: h[i] <- phi(h[i]), derivative[i] <-
- * phi'(h[i]).  The switch is hoisted out of the loop by the compiler once
- * vg_activation is inlined with a loop-invariant kind.
+ * The CPU kernels' fused elementwise pass over a row-major block (rows, n):
+ *     h[r, i] <- phi(h[r, i] + bias[i]),   derivative[r, i] <- phi'(h[r, i] + bias[i]).
+ * One loop per activation, so the switch is outside the inner loop and each
+ * loop body is the inlined math of one activation (vectorisable where the
+ * math allows).
  */
-static inline void VG_SFX(vg_activation_block)(int kind, VG_T *h, VG_T *derivative, long count)
+#define VG_BLOCK_CASE(KIND)                                                    \
+    case KIND:                                                                 \
+        for (r = 0; r < rows; ++r) {                                           \
+            VG_T *hr = h + r * n, *dr = derivative + r * n;                    \
+            for (i = 0; i < n; ++i) {                                          \
+                VG_SFX(vg_pair) p = VG_SFX(vg_activation)(KIND, hr[i] + bias[i]); \
+                hr[i] = p.value;                                               \
+                dr[i] = p.derivative;                                          \
+            }                                                                  \
+        }                                                                      \
+        break;
+
+static inline void VG_SFX(vg_bias_activation_block)(int kind, long rows, long n, VG_T *h,
+                                                    const VG_T *bias, VG_T *derivative)
 {
-    long i;
-    for (i = 0; i < count; ++i) {
-        VG_SFX(vg_pair) r = VG_SFX(vg_activation)(kind, h[i]);
-        h[i] = r.value;
-        derivative[i] = r.derivative;
+    long r, i;
+    switch (kind) {
+        VG_BLOCK_CASE(VG_SIGMOID)
+        VG_BLOCK_CASE(VG_TANH)
+        VG_BLOCK_CASE(VG_RELU)
+        VG_BLOCK_CASE(VG_LEAKY_RELU)
+        VG_BLOCK_CASE(VG_ELU)
+        VG_BLOCK_CASE(VG_SELU)
+        VG_BLOCK_CASE(VG_GELU)
+        VG_BLOCK_CASE(VG_SILU)
+        VG_BLOCK_CASE(VG_SOFTPLUS)
+        VG_BLOCK_CASE(VG_ERF)
+    default:
+        VG_BLOCK_CASE(VG_LINEAR)
     }
 }
+#undef VG_BLOCK_CASE

@@ -1,0 +1,623 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Compiled CPU kernels of vgcore: forward, backward and Jacobian products of deep stacks.
+
+Conventions (the Python layer in vgcore._api guarantees them; nothing here
+checks or raises):
+- every array is C-contiguous and of one floating dtype (float32 or float64),
+  except log-norm outputs, which are float64;
+- weights are (L, n, n) in torch.nn.Linear's (out, in) layout, biases (L, n);
+- ``norm`` is 0 (none), 1 (pre) or 2 (post); ``activation`` is a code of
+  csrc/vg_activations.h; ``residual`` is used only when ``has_residual``.
+
+Parallelism: the batch is cut into contiguous blocks of samples, one block per
+OpenMP thread, and each block runs through every layer on its own (a sample's
+forward and backward passes never need another sample), so there is no
+synchronisation per layer.  The callers hold BLAS to one thread meanwhile.
+Reductions across samples (weight-gradient norms) run afterwards, in parallel
+over layers.  Results do not depend on the number of threads beyond BLAS's
+rounding for different block heights.
+
+Row-major (B, n) blocks are handed to Fortran BLAS as their column-major
+transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
+``G_u = G_h @ W`` is ``gemm('N', 'N')`` on (W, G_h).
+"""
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY, exp, log, sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport dgemm, dsyrk, sgemm, ssyrk
+
+import numpy as np
+
+
+cdef extern from "vg_activations.h" nogil:
+    double VG_SATURATION_THRESHOLD
+    void vg_bias_activation_block_d(int kind, long rows, long n, double *h, const double *bias,
+                                    double *derivative)
+    void vg_bias_activation_block_f(int kind, long rows, long n, float *h, const float *bias,
+                                    float *derivative)
+
+cdef extern from "vg_openmp.h" nogil:
+    int vg_max_threads()
+    int vg_has_openmp()
+
+cdef extern from "vg_stack.h" nogil:
+    double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
+    enum:
+        NORM_NONE "VG_NORM_NONE"
+        NORM_PRE "VG_NORM_PRE"
+        NORM_POST "VG_NORM_POST"
+
+
+def max_threads():
+    """Threads an OpenMP region would use now (1 when built without OpenMP)."""
+    return vg_max_threads()
+
+
+def has_openmp():
+    """Whether the extension was compiled with OpenMP."""
+    return bool(vg_has_openmp())
+
+
+# ---------------------------------------------------------------------------
+# BLAS, row-major
+# ---------------------------------------------------------------------------
+
+cdef inline void _gemm(char transa, char transb, int m, int n, int k, floating alpha,
+                       const floating *a, int lda, const floating *b, int ldb, floating beta,
+                       floating *c, int ldc) noexcept nogil:
+    if floating is double:
+        dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *> a, &lda, <double *> b, &ldb,
+              &beta, c, &ldc)
+    else:
+        sgemm(&transa, &transb, &m, &n, &k, &alpha, <float *> a, &lda, <float *> b, &ldb,
+              &beta, c, &ldc)
+
+
+cdef inline void _rows_times_weight_t(Py_ssize_t rows, Py_ssize_t n, const floating *u,
+                                      const floating *weight, floating *out) noexcept nogil:
+    """out (rows, n) = u (rows, n) @ weight.T, weight (out, in)."""
+    _gemm(c'T', c'N', <int> n, <int> rows, <int> n, <floating> 1, weight, <int> n, u, <int> n,
+          <floating> 0, out, <int> n)
+
+
+cdef inline void _rows_times_weight(Py_ssize_t rows, Py_ssize_t n, const floating *g,
+                                    const floating *weight, floating *out) noexcept nogil:
+    """out (rows, n) = g (rows, n) @ weight, weight (out, in)."""
+    _gemm(c'N', c'N', <int> n, <int> rows, <int> n, <floating> 1, weight, <int> n, g, <int> n,
+          <floating> 0, out, <int> n)
+
+
+cdef inline void _gram_upper(Py_ssize_t rows, Py_ssize_t n, const floating *a,
+                             floating *gram) noexcept nogil:
+    """Upper triangle of a @ a.T, a (rows, n) row-major, gram (rows, rows)."""
+    cdef char uplo = c'U'
+    cdef char trans = c'T'
+    cdef int nr = <int> rows, k = <int> n
+    cdef floating one = 1, zero = 0
+    if floating is double:
+        dsyrk(&uplo, &trans, &nr, &k, &one, <double *> a, &k, &zero, gram, &nr)
+    else:
+        ssyrk(&uplo, &trans, &nr, &k, &one, <float *> a, &k, &zero, gram, &nr)
+
+
+cdef inline void _activation_block(int kind, Py_ssize_t rows, Py_ssize_t n, floating *h,
+                                   const floating *bias, floating *derivative) noexcept nogil:
+    if floating is double:
+        vg_bias_activation_block_d(kind, rows, n, h, bias, derivative)
+    else:
+        vg_bias_activation_block_f(kind, rows, n, h, bias, derivative)
+
+
+# ---------------------------------------------------------------------------
+# Layer norm over the features of one row
+# ---------------------------------------------------------------------------
+
+cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating *v, floating *out,
+                                  floating *mean_out, floating *inv_std_out) noexcept nogil:
+    """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL."""
+    cdef Py_ssize_t r, i
+    cdef double total, centred, var
+    cdef floating mean, inv_std
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            total = total + v[r * n + i]
+        mean = <floating> (total / n)
+        var = 0
+        for i in range(n):
+            centred = <double> (v[r * n + i] - mean)
+            var = var + centred * centred
+        inv_std = <floating> (1.0 / sqrt(var / n + LAYER_NORM_EPS))
+        for i in range(n):
+            out[r * n + i] = (v[r * n + i] - mean) * inv_std
+        if mean_out != NULL:
+            mean_out[r] = mean
+        inv_std_out[r] = inv_std
+
+
+cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample,
+                                     floating *g, const floating *normalised,
+                                     const floating *inv_std) noexcept nogil:
+    """In place, g[r] <- J_LN g[r] = inv_std (g - mean(g) - xhat mean(xhat g)).
+
+    Row r belongs to sample r // per_sample, whose normalised vector is
+    normalised[sample] and scale inv_std[sample].  J_LN is symmetric, so this
+    serves the JVP and the VJP alike.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef double g_mean, gx_mean
+    for r in range(rows):
+        s = r // per_sample
+        g_mean = 0
+        gx_mean = 0
+        for i in range(n):
+            g_mean = g_mean + g[r * n + i]
+            gx_mean = gx_mean + <double> g[r * n + i] * normalised[s * n + i]
+        g_mean = g_mean / n
+        gx_mean = gx_mean / n
+        for i in range(n):
+            g[r * n + i] = inv_std[s] * <floating> (g[r * n + i] - g_mean - normalised[s * n + i] * gx_mean)
+
+
+cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floating *x,
+                                     const floating *mean, const floating *inv_std,
+                                     floating *u) noexcept nogil:
+    """u = LN(x) from the stored statistics, bit for bit as in the forward pass."""
+    cdef Py_ssize_t r, i
+    for r in range(rows):
+        for i in range(n):
+            u[r * n + i] = (x[r * n + i] - mean[r]) * inv_std[r]
+
+
+# ---------------------------------------------------------------------------
+# One layer: forward, VJP, JVP on a block of rows
+# ---------------------------------------------------------------------------
+
+cdef void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, bint has_residual,
+                         floating residual, int norm, const floating *weight, const floating *bias,
+                         const floating *x, floating *out, floating *derivative, floating *u_work,
+                         floating *mean_pre, floating *inv_pre, floating *inv_post) noexcept nogil:
+    """x (rows, n) -> out (rows, n), keeping phi'(h) and the LN statistics.
+
+    u_work (rows, n) receives LN(x) when norm is pre.  out must not alias x.
+    """
+    cdef const floating *u = x
+    cdef Py_ssize_t i, size = rows * n
+    if norm == NORM_PRE:
+        _layer_norm_rows(rows, n, x, u_work, mean_pre, inv_pre)
+        u = u_work
+    _rows_times_weight_t(rows, n, u, weight, out)
+    _activation_block(activation, rows, n, out, bias, derivative)
+    if has_residual:
+        for i in range(size):
+            out[i] = x[i] + residual * out[i]
+    if norm == NORM_POST:
+        _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post)
+
+
+cdef void _vjp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
+                     floating residual, int norm, const floating *weight, const floating *x,
+                     const floating *out, const floating *derivative, const floating *mean_pre,
+                     const floating *inv_pre, const floating *inv_post, floating *g,
+                     floating *g_h, floating *work, floating *u_work) noexcept nogil:
+    """Cotangents g (rows, n) at the layer output -> at its input, in place.
+
+    Row r belongs to sample r // per_sample of the block whose input x,
+    output out, phi'(h) and LN statistics are given.  g_h (rows, n) receives
+    the cotangent at h; it may alias ``derivative`` when per_sample == 1.
+    work (rows, n) is scratch; u_work (samples, n) is scratch for pre-norm.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef Py_ssize_t samples = rows // per_sample
+    cdef floating scale = residual if has_residual else 1
+    if norm == NORM_POST:
+        _layer_norm_product(rows, n, per_sample, g, out, inv_post)
+    for r in range(rows):
+        s = r // per_sample
+        for i in range(n):
+            g_h[r * n + i] = scale * g[r * n + i] * derivative[s * n + i]
+    _rows_times_weight(rows, n, g_h, weight, work)
+    if norm == NORM_PRE:
+        _recompute_pre_norm(samples, n, x, mean_pre, inv_pre, u_work)
+        _layer_norm_product(rows, n, per_sample, work, u_work, inv_pre)
+    if has_residual:
+        for i in range(rows * n):
+            g[i] = g[i] + work[i]
+    else:
+        memcpy(g, work, rows * n * sizeof(floating))
+
+
+cdef void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
+                     floating residual, int norm, const floating *weight, const floating *u,
+                     const floating *out, const floating *derivative, const floating *inv_pre,
+                     const floating *inv_post, floating *t, floating *work,
+                     floating *work2) noexcept nogil:
+    """Tangents t (rows, n) at the layer input -> at its output, in place.
+
+    u is the layer's linear input (LN(x) for pre-norm, else x) of the block's
+    samples; work and work2 (rows, n) are scratch.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef const floating *t_u = t
+    if norm == NORM_PRE:
+        memcpy(work, t, rows * n * sizeof(floating))
+        _layer_norm_product(rows, n, per_sample, work, u, inv_pre)
+        t_u = work
+    _rows_times_weight_t(rows, n, t_u, weight, work2)
+    for r in range(rows):
+        s = r // per_sample
+        for i in range(n):
+            if has_residual:
+                t[r * n + i] = t[r * n + i] + residual * (derivative[s * n + i] * work2[r * n + i])
+            else:
+                t[r * n + i] = derivative[s * n + i] * work2[r * n + i]
+    if norm == NORM_POST:
+        _layer_norm_product(rows, n, per_sample, t, out, inv_post)
+
+
+# ---------------------------------------------------------------------------
+# Helpers for blocks
+# ---------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _block_start(Py_ssize_t block, Py_ssize_t n_blocks,
+                                    Py_ssize_t total) noexcept nogil:
+    """Start of block ``block`` in a contiguous, balanced partition of range(total).
+
+    Values, not out-pointers: Cython makes a prange variable thread-private
+    only when the loop body assigns it.
+    """
+    return (block * total) // n_blocks
+
+
+cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, double *log_scale,
+                                   double *log_norm_out, Py_ssize_t out_stride) noexcept nogil:
+    """Record log ||g_r|| + log_scale_r, then rescale g_r to unit norm and carry the factor.
+
+    A zero row records -inf and stays zero.
+    """
+    cdef Py_ssize_t r, i
+    cdef double total, norm_r
+    cdef floating inv
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            total = total + <double> g[r * n + i] * g[r * n + i]
+        norm_r = sqrt(total)
+        if norm_r > 0:
+            log_norm_out[r * out_stride] = log_scale[r] + log(norm_r)
+            inv = <floating> (1.0 / norm_r)
+            for i in range(n):
+                g[r * n + i] = g[r * n + i] * inv
+            log_scale[r] = log_scale[r] + log(norm_r)
+        else:
+            log_norm_out[r * out_stride] = -INFINITY
+
+
+cdef inline void _count_derivatives(Py_ssize_t rows, Py_ssize_t n, const floating *derivative,
+                                    long long *saturated, unsigned char *alive) noexcept nogil:
+    cdef Py_ssize_t r, i
+    cdef floating d
+    cdef long long count = 0
+    for r in range(rows):
+        for i in range(n):
+            d = derivative[r * n + i]
+            if d < VG_SATURATION_THRESHOLD and d > -VG_SATURATION_THRESHOLD:
+                count = count + 1
+            if d != 0:
+                alive[i] = 1
+    saturated[0] = saturated[0] + count
+
+
+# ---------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------
+
+def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
+            const floating[:, ::1] x, int activation, bint has_residual, double residual, int norm,
+            floating[:, ::1] out, int n_threads):
+    """x_L of a stack for inputs x (B, n) into out (B, n)."""
+    cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
+    cdef Py_ssize_t n_blocks = max(1, min(<Py_ssize_t> n_threads, batch))
+    cdef Py_ssize_t block, start, stop, rows, layer, max_rows = (batch + n_blocks - 1) // n_blocks
+    cdef floating *buffer = NULL
+    cdef floating *ping
+    cdef floating *pong
+    cdef const floating *source
+    cdef floating *target
+    cdef floating res = <floating> residual
+    with nogil, parallel(num_threads=n_blocks):
+        # ping | pong | phi'(h) | LN(x) | mean, inv_pre, inv_post
+        buffer = <floating *> malloc((4 * max_rows * n + 3 * max_rows) * sizeof(floating))
+        for block in prange(n_blocks, schedule='static'):
+            start = _block_start(block, n_blocks, batch)
+            stop = _block_start(block + 1, n_blocks, batch)
+            rows = stop - start
+            ping = buffer
+            pong = buffer + max_rows * n
+            source = &x[start, 0]
+            for layer in range(depth):
+                target = &out[start, 0] if layer == depth - 1 else (ping if layer % 2 == 0 else pong)
+                _forward_layer(rows, n, activation, has_residual, res, norm, &weights[layer, 0, 0],
+                               &biases[layer, 0], source, target,
+                               buffer + 2 * max_rows * n, buffer + 3 * max_rows * n,
+                               buffer + 4 * max_rows * n, buffer + 4 * max_rows * n + max_rows,
+                               buffer + 4 * max_rows * n + 2 * max_rows)
+                source = target
+        free(buffer)
+
+
+# ---------------------------------------------------------------------------
+# Gradient profile
+# ---------------------------------------------------------------------------
+
+def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
+                     const floating[:, ::1] x, const floating[:, ::1] grad_output, int activation,
+                     bint has_residual, double residual, int norm,
+                     floating[:, :, ::1] xs, floating[:, :, ::1] derivatives,
+                     floating[:, ::1] mean_pre, floating[:, ::1] inv_pre, floating[:, ::1] inv_post,
+                     double[:, ::1] log_scale_h, double[:, ::1] log_grad_norm,
+                     double[::1] log_weight_grad_norm, long long[:, ::1] saturated,
+                     unsigned char[:, :, ::1] alive, int n_threads):
+    """Forward, renormalised backward and weight-gradient norms of one stack.
+
+    Workspaces (allocated by the caller): xs (L+1, B, n) the layer outputs,
+    derivatives (L, B, n) phi'(h) and then the unit-scaled cotangents at h,
+    mean_pre / inv_pre / inv_post (L, B) LN statistics, log_scale_h (L, B)
+    the log scale of those cotangents.  Outputs: log_grad_norm (B, L+1),
+    log_weight_grad_norm (L,), and per block of samples the saturated counts
+    saturated (blocks, L) and the alive flags alive (blocks, L, n) (zeroed by
+    the caller), which the caller reduces into fractions.
+    """
+    cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
+    cdef Py_ssize_t n_blocks = saturated.shape[0]
+    cdef Py_ssize_t block, start, stop, rows, layer, r, i
+    cdef Py_ssize_t max_rows = (batch + n_blocks - 1) // n_blocks
+    cdef floating *buffer = NULL
+    cdef floating *g
+    cdef floating *work
+    cdef floating *u_work
+    cdef double *log_scale = NULL
+    cdef floating res = <floating> residual
+    if n_threads < 1:
+        n_threads = 1
+
+    # Forward and backward, each block of samples on its own through every layer.
+    with nogil, parallel(num_threads=min(<Py_ssize_t> n_threads, n_blocks)):
+        buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
+        log_scale = <double *> malloc(max_rows * sizeof(double))
+        for block in prange(n_blocks, schedule='static'):
+            start = _block_start(block, n_blocks, batch)
+            stop = _block_start(block + 1, n_blocks, batch)
+            rows = stop - start
+            g = buffer
+            work = buffer + max_rows * n
+            u_work = buffer + 2 * max_rows * n
+            memcpy(&xs[0, start, 0], &x[start, 0], rows * n * sizeof(floating))
+            for layer in range(depth):
+                _forward_layer(rows, n, activation, has_residual, res, norm, &weights[layer, 0, 0],
+                               &biases[layer, 0], &xs[layer, start, 0], &xs[layer + 1, start, 0],
+                               &derivatives[layer, start, 0], u_work, &mean_pre[layer, start],
+                               &inv_pre[layer, start], &inv_post[layer, start])
+                _count_derivatives(rows, n, &derivatives[layer, start, 0], &saturated[block, layer],
+                                   &alive[block, layer, 0])
+            memcpy(g, &grad_output[start, 0], rows * n * sizeof(floating))
+            memset(log_scale, 0, rows * sizeof(double))
+            _renormalise_rows(rows, n, g, log_scale, &log_grad_norm[start, depth], depth + 1)
+            for layer in range(depth - 1, -1, -1):
+                memcpy(&log_scale_h[layer, start], log_scale, rows * sizeof(double))
+                # the cotangent at h overwrites phi'(h), which is read first, element by element
+                _vjp_layer(rows, n, 1, has_residual, res, norm, &weights[layer, 0, 0],
+                           &xs[layer, start, 0], &xs[layer + 1, start, 0],
+                           &derivatives[layer, start, 0], &mean_pre[layer, start],
+                           &inv_pre[layer, start], &inv_post[layer, start], g,
+                           &derivatives[layer, start, 0], work, u_work)
+                _renormalise_rows(rows, n, g, log_scale, &log_grad_norm[start, layer], depth + 1)
+        free(buffer)
+        free(log_scale)
+
+    _weight_gradient_norms(derivatives, xs, mean_pre, inv_pre, log_scale_h, norm,
+                           log_weight_grad_norm, n_threads)
+
+
+cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :, ::1] xs,
+                                 floating[:, ::1] mean_pre, floating[:, ::1] inv_pre,
+                                 double[:, ::1] log_scale_h, int norm,
+                                 double[::1] log_weight_grad_norm, int n_threads) noexcept:
+    """log ||sum_b exp(s_b) g_b u_b^T||_F per layer, in parallel over layers.
+
+    g_b are the unit-scaled cotangents at h with log scales s_b, u_b the
+    layer's linear inputs.  Samples are weighted by exp(s_b - max s), so the
+    sum is exact whatever the spread of scales.  With fewer samples than
+    features the squared norm comes from the two Gram matrices,
+    ||G^T U||_F^2 = sum_ij (G G^T)_ij (U U^T)_ij, without forming the
+    (n, n) gradient.
+    """
+    cdef Py_ssize_t depth = cotangents_h.shape[0], batch = cotangents_h.shape[1]
+    cdef Py_ssize_t n = cotangents_h.shape[2]
+    cdef bint use_gram = batch < n
+    cdef Py_ssize_t layer, b, i, j, square = batch * batch if use_gram else n * n
+    cdef floating *g = NULL
+    cdef floating *u = NULL
+    cdef floating *gram_g = NULL
+    cdef floating *gram_u = NULL
+    cdef double top, total, weight
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, depth))):
+        g = <floating *> malloc((2 * batch * n + 2 * square) * sizeof(floating))
+        u = g + batch * n
+        gram_g = u + batch * n
+        gram_u = gram_g + square
+        for layer in prange(depth, schedule='dynamic'):
+            top = log_scale_h[layer, 0]
+            for b in range(batch):
+                if log_scale_h[layer, b] > top:
+                    top = log_scale_h[layer, b]
+            for b in range(batch):
+                weight = exp(log_scale_h[layer, b] - top)
+                for i in range(n):
+                    g[b * n + i] = <floating> (weight * cotangents_h[layer, b, i])
+            if norm == NORM_PRE:
+                _recompute_pre_norm(batch, n, &xs[layer, 0, 0], &mean_pre[layer, 0],
+                                    &inv_pre[layer, 0], u)
+            else:
+                memcpy(u, &xs[layer, 0, 0], batch * n * sizeof(floating))
+            total = 0
+            if use_gram:
+                _gram_upper(batch, n, g, gram_g)
+                _gram_upper(batch, n, u, gram_u)
+                for j in range(batch):
+                    for i in range(j):
+                        total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
+                    total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
+            else:
+                # gradient^T (in, out) = U^T G, column-major
+                _gemm(c'N', c'T', <int> n, <int> n, <int> batch, <floating> 1, u, <int> n, g, <int> n,
+                      <floating> 0, gram_g, <int> n)
+                for i in range(n * n):
+                    total = total + <double> gram_g[i] * gram_g[i]
+            if total > 0:
+                log_weight_grad_norm[layer] = top + 0.5 * log(total)
+            else:
+                log_weight_grad_norm[layer] = -INFINITY
+        free(g)
+
+
+# ---------------------------------------------------------------------------
+# Jacobian products
+# ---------------------------------------------------------------------------
+
+cdef struct WorkItem:
+    Py_ssize_t sample_start, sample_stop, vector_start, vector_stop
+
+
+cdef inline WorkItem _work_item(Py_ssize_t item, Py_ssize_t batch, Py_ssize_t k,
+                                Py_ssize_t n_items) noexcept nogil:
+    """Work item -> (samples, vectors).
+
+    With at least as many samples as items, an item is a block of samples with
+    all their k vectors; otherwise it is one sample and a block of its vectors.
+    Either way its vector rows are contiguous in a (B, k, n) array.
+    """
+    cdef WorkItem w
+    cdef Py_ssize_t per_sample
+    if batch >= n_items:
+        w.sample_start = _block_start(item, n_items, batch)
+        w.sample_stop = _block_start(item + 1, n_items, batch)
+        w.vector_start = 0
+        w.vector_stop = k
+    else:
+        per_sample = n_items // batch
+        w.sample_start = item // per_sample
+        w.sample_stop = w.sample_start + 1
+        w.vector_start = _block_start(item % per_sample, per_sample, k)
+        w.vector_stop = _block_start(item % per_sample + 1, per_sample, k)
+    return w
+
+
+def work_items(Py_ssize_t batch, Py_ssize_t k, int n_threads):
+    """How many work items a JVP / VJP of B samples and k vectors is cut into."""
+    if batch >= n_threads:
+        return max(1, n_threads)
+    return batch * min(k, max(1, n_threads // batch + (n_threads % batch > 0)))
+
+
+def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
+        int activation, bint has_residual, double residual, int norm, floating[:, :, ::1] tangents,
+        Py_ssize_t n_items, int n_threads):
+    """In place: tangents (B, k, n) at the input -> J(x_b) tangents at the output."""
+    cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
+    cdef Py_ssize_t k = tangents.shape[1]
+    cdef Py_ssize_t item, s0, s1, v0, v1, samples, rows, layer
+    cdef WorkItem work
+    cdef Py_ssize_t max_samples = 1 if batch < n_items else (batch + n_items - 1) // n_items
+    cdef Py_ssize_t max_rows = max_samples * k
+    cdef floating *buffer = NULL
+    cdef floating *current
+    cdef floating *following
+    cdef floating *swap
+    cdef floating res = <floating> residual
+    cdef Py_ssize_t state = 4 * max_samples * n + 3 * max_samples
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
+        buffer = <floating *> malloc((state + 2 * max_rows * n) * sizeof(floating))
+        for item in prange(n_items, schedule='static'):
+            work = _work_item(item, batch, k, n_items)
+            s0 = work.sample_start
+            s1 = work.sample_stop
+            v0 = work.vector_start
+            v1 = work.vector_stop
+            samples = s1 - s0
+            rows = samples * (v1 - v0)
+            current = buffer
+            following = buffer + max_samples * n
+            memcpy(current, &x[s0, 0], samples * n * sizeof(floating))
+            for layer in range(depth):
+                # buffer: current | following | derivative | u | mean, inv_pre, inv_post
+                _forward_layer(samples, n, activation, has_residual, res, norm,
+                               &weights[layer, 0, 0], &biases[layer, 0], current, following,
+                               buffer + 2 * max_samples * n, buffer + 3 * max_samples * n,
+                               buffer + 4 * max_samples * n, buffer + 4 * max_samples * n + max_samples,
+                               buffer + 4 * max_samples * n + 2 * max_samples)
+                _jvp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
+                           buffer + 3 * max_samples * n if norm == NORM_PRE else current, following,
+                           buffer + 2 * max_samples * n,
+                           buffer + 4 * max_samples * n + max_samples,
+                           buffer + 4 * max_samples * n + 2 * max_samples,
+                           &tangents[s0, v0, 0], buffer + state, buffer + state + max_rows * n)
+                swap = current
+                current = following
+                following = swap
+        free(buffer)
+
+
+def vjp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
+        int activation, bint has_residual, double residual, int norm, floating[:, :, ::1] cotangents,
+        Py_ssize_t n_items, int n_threads):
+    """In place: cotangents (B, k, n) at the output -> J(x_b)^T cotangents at the input."""
+    cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
+    cdef Py_ssize_t k = cotangents.shape[1]
+    cdef Py_ssize_t item, s0, s1, v0, v1, samples, rows, layer
+    cdef WorkItem work
+    cdef Py_ssize_t max_samples = 1 if batch < n_items else (batch + n_items - 1) // n_items
+    cdef Py_ssize_t max_rows = max_samples * k
+    cdef Py_ssize_t plane = max_samples * n
+    cdef floating *buffer = NULL
+    cdef floating *stored_x
+    cdef floating *stored_d
+    cdef floating *stats
+    cdef floating *scratch
+    cdef floating res = <floating> residual
+    # per item: x_0..x_L | phi'(h) per layer | mean, inv_pre, inv_post per layer | scratch
+    cdef Py_ssize_t size = ((depth + 1) * plane + depth * plane + 3 * depth * max_samples
+                            + 2 * max_rows * n + 2 * plane)
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
+        buffer = <floating *> malloc(size * sizeof(floating))
+        for item in prange(n_items, schedule='static'):
+            work = _work_item(item, batch, k, n_items)
+            s0 = work.sample_start
+            s1 = work.sample_stop
+            v0 = work.vector_start
+            v1 = work.vector_stop
+            samples = s1 - s0
+            rows = samples * (v1 - v0)
+            stored_x = buffer
+            stored_d = stored_x + (depth + 1) * plane
+            stats = stored_d + depth * plane
+            scratch = stats + 3 * depth * max_samples
+            memcpy(stored_x, &x[s0, 0], samples * n * sizeof(floating))
+            for layer in range(depth):
+                _forward_layer(samples, n, activation, has_residual, res, norm,
+                               &weights[layer, 0, 0], &biases[layer, 0], stored_x + layer * plane,
+                               stored_x + (layer + 1) * plane, stored_d + layer * plane, scratch,
+                               stats + (3 * layer) * max_samples, stats + (3 * layer + 1) * max_samples,
+                               stats + (3 * layer + 2) * max_samples)
+            for layer in range(depth - 1, -1, -1):
+                _vjp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
+                           stored_x + layer * plane, stored_x + (layer + 1) * plane,
+                           stored_d + layer * plane, stats + (3 * layer) * max_samples,
+                           stats + (3 * layer + 1) * max_samples,
+                           stats + (3 * layer + 2) * max_samples, &cotangents[s0, v0, 0],
+                           scratch + 2 * plane, scratch + 2 * plane + max_rows * n, scratch)
+        free(buffer)

@@ -1,0 +1,197 @@
+"""NumPy reference of every vgcore computation: plain and obvious.
+
+This module is what the tests trust.  It follows DESIGN.md line by line, one
+layer at a time, with no attempt at speed.  It is itself checked against
+central finite differences and closed forms (tests/test_reference.py).
+
+Inputs are assumed validated (see vgcore._validation); arrays are NumPy,
+float32 or float64, and computations run in the arrays' dtype.  Logs of norms
+are accumulated in float64 for both dtypes.
+
+The layer (DESIGN.md):
+
+    u  = LN(x)              if norm == "pre"  else x
+    h  = u @ W.T + b
+    f  = phi(h)
+    y  = x + residual * f   if residual is not None else f
+    x' = LN(y)              if norm == "post" else y
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vgcore._activations import SATURATION_THRESHOLD, activation
+
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LN over the last axis: ``((v - mean) * inv_std, inv_std)``, inv_std with a kept axis."""
+    centred = v - v.mean(axis=-1, keepdims=True)
+    inv_std = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + LAYER_NORM_EPS)
+    return (centred * inv_std).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
+
+
+def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: np.ndarray) -> np.ndarray:
+    """Product of LN's Jacobian with ``g`` (the Jacobian is symmetric, so J g = J^T g).
+
+    ``J = inv_std * (I - 1 1^T / n - xhat xhat^T / n)`` with ``xhat`` the normalised vector.
+    """
+    return inv_std * (
+        g - g.mean(axis=-1, keepdims=True) - normalised * (g * normalised).mean(axis=-1, keepdims=True)
+    )
+
+
+@dataclass
+class LayerCache:
+    """What one layer's forward pass keeps for its Jacobian products."""
+
+    u: np.ndarray  # input of the linear map, LN(x) or x
+    inv_std_pre: np.ndarray | None
+    derivative: np.ndarray  # phi'(h)
+    out: np.ndarray  # x', the layer's output
+    inv_std_post: np.ndarray | None
+
+
+def layer_forward(weight, bias, x, activation_name, residual, norm) -> tuple[np.ndarray, LayerCache]:
+    """One layer of the stack; returns ``(x', cache)``."""
+    inv_std_pre = inv_std_post = None
+    u = x
+    if norm == "pre":
+        u, inv_std_pre = layer_norm(x)
+    h = u @ weight.T + bias
+    f, derivative = activation(activation_name, h)
+    y = x + residual * f if residual is not None else f
+    out = y
+    if norm == "post":
+        out, inv_std_post = layer_norm(y)
+    out = out.astype(x.dtype, copy=False)
+    return out, LayerCache(u, inv_std_pre, derivative, out, inv_std_post)
+
+
+def _expand(cache_array, k_axis: bool):
+    """Broadcast a per-sample cache (B, n) against vectors (B, k, n) when ``k_axis``."""
+    return cache_array[:, None, :] if k_axis else cache_array
+
+
+def layer_vjp(weight, cache: LayerCache, g, residual, norm) -> tuple[np.ndarray, np.ndarray]:
+    """Cotangents ``g`` at the layer output -> (cotangents at its input, cotangents at h).
+
+    ``g`` is (B, n) or (B, k, n).
+    """
+    k_axis = g.ndim == 3
+    if norm == "post":
+        g = layer_norm_jacobian_product(
+            g, _expand(cache.out, k_axis), _expand(cache.inv_std_post, k_axis)
+        )
+    g_f = residual * g if residual is not None else g
+    g_h = g_f * _expand(cache.derivative, k_axis)
+    g_u = g_h @ weight
+    if norm == "pre":
+        g_u = layer_norm_jacobian_product(g_u, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis))
+    g_x = g_u + g if residual is not None else g_u
+    return g_x.astype(g.dtype, copy=False), g_h
+
+
+def layer_jvp(weight, cache: LayerCache, t, residual, norm) -> np.ndarray:
+    """Tangents ``t`` at the layer input (B, n) or (B, k, n) -> tangents at its output."""
+    k_axis = t.ndim == 3
+    t_u = t
+    if norm == "pre":
+        t_u = layer_norm_jacobian_product(t, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis))
+    t_h = t_u @ weight.T
+    t_f = _expand(cache.derivative, k_axis) * t_h
+    t_y = t + residual * t_f if residual is not None else t_f
+    if norm == "post":
+        t_y = layer_norm_jacobian_product(
+            t_y, _expand(cache.out, k_axis), _expand(cache.inv_std_post, k_axis)
+        )
+    return t_y.astype(t.dtype, copy=False)
+
+
+def forward_with_caches(weights, biases, x, activation_name, residual, norm):
+    """Forward pass keeping every layer's cache: ``(x_L, [cache_1, ..., cache_L])``."""
+    caches = []
+    for weight, bias in zip(weights, biases, strict=True):
+        x, cache = layer_forward(weight, bias, x, activation_name, residual, norm)
+        caches.append(cache)
+    return x, caches
+
+
+def forward(weights, biases, x, activation_name, residual, norm) -> np.ndarray:
+    """x_L (B, n) for inputs x (B, n)."""
+    return forward_with_caches(weights, biases, x, activation_name, residual, norm)[0]
+
+
+def gradient_profile(weights, biases, x, grad_output, activation_name, residual, norm):
+    """Per-layer gradient measurements, with per-layer renormalisation.
+
+    Returns a dict with ``log_grad_norm`` (B, L+1), ``log_weight_grad_norm``
+    (L,), ``saturation`` (L,) and ``dead`` (L,), all float64.
+
+    The cotangent of each sample is rescaled to unit norm after every layer
+    and the log of the factor is carried in ``log_scale``; since every layer's
+    backward map is linear in the cotangent, the logs are exact at any depth.
+    The weight gradient of layer l sums samples of different scales, so it is
+    formed with weights exp(log_scale_b - max log_scale), again exact.
+    """
+    depth, batch = len(weights), x.shape[0]
+    _, caches = forward_with_caches(weights, biases, x, activation_name, residual, norm)
+    log_grad_norm = np.empty((batch, depth + 1))
+    log_weight_grad_norm = np.empty(depth)
+    log_scale = np.zeros(batch)
+    g = grad_output
+    with np.errstate(divide="ignore"):
+        for layer in range(depth, -1, -1):
+            norm_b = np.linalg.norm(g.astype(np.float64), axis=1)
+            log_grad_norm[:, layer] = log_scale + np.log(norm_b)
+            safe = np.where(norm_b > 0, norm_b, 1.0)
+            g = (g / safe[:, None].astype(g.dtype)).astype(g.dtype, copy=False)
+            log_scale = log_scale + np.log(safe)
+            if layer == 0:
+                break
+            cache = caches[layer - 1]
+            g, g_h = layer_vjp(weights[layer - 1], cache, g, residual, norm)
+            sample_weight = np.exp(log_scale - log_scale.max())
+            weight_grad = (g_h * sample_weight[:, None].astype(g_h.dtype)).T @ cache.u
+            log_weight_grad_norm[layer - 1] = log_scale.max() + np.log(
+                np.linalg.norm(weight_grad.astype(np.float64))
+            )
+    derivatives = np.stack([cache.derivative for cache in caches])  # (L, B, n)
+    saturation = (np.abs(derivatives) < SATURATION_THRESHOLD).mean(axis=(1, 2))
+    dead = (derivatives == 0).all(axis=1).mean(axis=1)
+    return {
+        "log_grad_norm": log_grad_norm,
+        "log_weight_grad_norm": log_weight_grad_norm,
+        "saturation": saturation.astype(np.float64),
+        "dead": dead.astype(np.float64),
+    }
+
+
+def jvp(weights, biases, x, tangents, activation_name, residual, norm) -> np.ndarray:
+    """J(x_b) v for tangents (B, k, n) -> (B, k, n)."""
+    _, caches = forward_with_caches(weights, biases, x, activation_name, residual, norm)
+    t = tangents
+    for weight, cache in zip(weights, caches, strict=True):
+        t = layer_jvp(weight, cache, t, residual, norm)
+    return t
+
+
+def vjp(weights, biases, x, cotangents, activation_name, residual, norm) -> np.ndarray:
+    """J(x_b)^T u for cotangents (B, k, n) -> (B, k, n)."""
+    _, caches = forward_with_caches(weights, biases, x, activation_name, residual, norm)
+    g = cotangents
+    for weight, cache in zip(weights[::-1], caches[::-1], strict=True):
+        g, _ = layer_vjp(weight, cache, g, residual, norm)
+    return g
+
+
+def jacobian(weights, biases, x, activation_name, residual, norm) -> np.ndarray:
+    """d x_L / d x_0 per sample, (B, n_out, n_in): pushes the identity through the JVP."""
+    batch, width = x.shape
+    identity = np.broadcast_to(np.eye(width, dtype=x.dtype), (batch, width, width))
+    columns = jvp(weights, biases, x, np.ascontiguousarray(identity), activation_name, residual, norm)
+    return np.ascontiguousarray(columns.transpose(0, 2, 1))
