@@ -557,3 +557,10 @@ def test_threshold_accepts_numpy_floats_and_fractions():
     curve = np.log([0.05, 0.2, 1.0])
     assert stats.vanishing_depth(curve, np.float32(0.1)) == 2
     assert stats.vanishing_depth(curve, Fraction(1, 4)) == 1
+
+
+def test_vanishing_depth_is_strictly_below():
+    """A ratio equal to the threshold has not fallen below it."""
+    curve = [math.log(0.25), math.log(0.5), 0.0]
+    assert stats.vanishing_depth(curve, 0.5) == 2
+    assert stats.vanishing_depth(curve, 0.25) is None
