@@ -29,19 +29,33 @@ VG_HOST_DEVICE static inline void VG_SFX(vg_sigmoid_parts)(VG_T h, VG_T *s, VG_T
 VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation)(int kind, VG_T h)
 {
     VG_SFX(vg_pair) r;
-    VG_T s, oms, e;
+    VG_T s, oms;
     switch (kind) {
     case VG_SIGMOID:
         VG_SFX(vg_sigmoid_parts)(h, &s, &oms);
         r.value = s;
         r.derivative = s * oms;
         break;
-    case VG_TANH:
-        /* tanh'(h) = sech^2(h) = 4 e / (1 + e)^2, e = exp(-2|h|) */
-        e = VG_EXP((VG_T)-2 * (h < (VG_T)0 ? -h : h));
-        r.value = VG_TANH_FN(h);
-        r.derivative = (VG_T)4 * e / (((VG_T)1 + e) * ((VG_T)1 + e));
+    case VG_TANH: {
+        /* One transcendental for value and derivative, accurate everywhere:
+           |h| < 1/2:  m = expm1(-2|h|), tanh|h| = -m / (2 + m), tanh' = 1 - tanh^2
+                       (no cancellation: tanh^2 < 0.22);
+           otherwise:  e = exp(-2|h|) <= 0.37, tanh|h| = (1 - e) / (1 + e),
+                       tanh' = 4 e / (1 + e)^2, which keeps full relative precision
+                       in the tails where 1 - tanh^2 would round to 0. */
+        VG_T a = h < (VG_T)0 ? -h : h, t;
+        if (a < (VG_T)0.5) {
+            VG_T m = VG_EXPM1((VG_T)-2 * a);
+            t = -m / ((VG_T)2 + m);
+            r.derivative = (VG_T)1 - t * t;
+        } else {
+            VG_T e = VG_EXP((VG_T)-2 * a);
+            t = ((VG_T)1 - e) / ((VG_T)1 + e);
+            r.derivative = (VG_T)4 * e / (((VG_T)1 + e) * ((VG_T)1 + e));
+        }
+        r.value = h < (VG_T)0 ? -t : t;
         break;
+    }
     case VG_RELU:
         r.value = h > (VG_T)0 ? h : (VG_T)0;
         r.derivative = h > (VG_T)0 ? (VG_T)1 : (VG_T)0;

@@ -65,7 +65,6 @@ enum {
 #define VG_EXP exp
 #define VG_EXPM1 expm1
 #define VG_LOG1P log1p
-#define VG_TANH_FN tanh
 #define VG_ERF_FN erf
 #define VG_ERFC_FN erfc
 #include "vg_activation_body.h"
@@ -74,7 +73,6 @@ enum {
 #undef VG_EXP
 #undef VG_EXPM1
 #undef VG_LOG1P
-#undef VG_TANH_FN
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
 
@@ -84,7 +82,6 @@ enum {
 #define VG_EXP expf
 #define VG_EXPM1 expm1f
 #define VG_LOG1P log1pf
-#define VG_TANH_FN tanhf
 #define VG_ERF_FN erff
 #define VG_ERFC_FN erfcf
 #include "vg_activation_body.h"
@@ -93,7 +90,6 @@ enum {
 #undef VG_EXP
 #undef VG_EXPM1
 #undef VG_LOG1P
-#undef VG_TANH_FN
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
 

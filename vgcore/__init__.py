@@ -1,8 +1,48 @@
-"""vgcore: measure vanishing and exploding gradients in deep stacks, fast."""
+"""vgcore: measure vanishing and exploding gradients in deep stacks, fast.
+
+Compiled (Cython) kernels compute forward and backward passes, per-layer
+gradient norms and Jacobian products of deep dense stacks; ``vgcore.stats``
+turns gradient profiles into decay statistics and ``vgcore.theory`` gives
+mean-field theory's predictions for the same networks.
+
+>>> import vgcore as vg
+>>> stack = vg.Stack.random(50, 64, activation="tanh", sigma_w=1.0, seed=0)
+>>> profile = vg.gradient_profile(stack, vg.random_inputs(stack, 16, seed=1))
+>>> profile.log_grad_norm.shape
+(16, 51)
+"""
+
+import importlib
 
 from vgcore._activations import ACTIVATIONS
+from vgcore._api import forward, gradient_profile, jacobian, jvp, vjp
 from vgcore._profile import Profile
+from vgcore._stack import Stack
+from vgcore._utils import random_inputs
 
 __version__ = "0.1.0"
 
-__all__ = ["ACTIVATIONS", "Profile", "__version__"]
+# Submodules imported on first use: `vgcore.torch` must never import torch
+# before it is asked for, and the others keep `import vgcore` quick.
+_LAZY_SUBMODULES = ("stats", "theory", "torch")
+
+__all__ = [
+    "ACTIVATIONS",
+    "Profile",
+    "Stack",
+    "__version__",
+    "forward",
+    "gradient_profile",
+    "jacobian",
+    "jvp",
+    "random_inputs",
+    "stats",
+    "theory",
+    "vjp",
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"vgcore.{name}")
+    raise AttributeError(f"module 'vgcore' has no attribute {name!r}")

@@ -62,6 +62,15 @@ def has_openmp():
     return bool(vg_has_openmp())
 
 
+def activation_values(int activation, floating[::1] h, floating[::1] value, floating[::1] derivative):
+    """phi(h) into value and phi'(h) into derivative, straight from csrc/vg_activations.h (for tests)."""
+    cdef Py_ssize_t n = h.shape[0]
+    cdef floating zero = 0
+    if n > 0:
+        memcpy(&value[0], &h[0], n * sizeof(floating))
+        _activation_block(activation, n, 1, &value[0], &zero, &derivative[0])
+
+
 # ---------------------------------------------------------------------------
 # BLAS, row-major
 # ---------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""The compiled CPU backend: allocates outputs and workspaces, then calls vgcore._kernels.
+
+Inputs arrive validated and C-contiguous in the stack's dtype (vgcore._api).
+While a kernel runs its OpenMP threads, BLAS is held to one thread so the two
+thread pools never oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+
+from vgcore import _kernels
+from vgcore._activations import ACTIVATION_CODES
+
+NORM_CODES = {None: 0, "pre": 1, "post": 2}
+
+
+def n_threads() -> int:
+    """Threads the kernels use: OpenMP's current maximum (honours OMP_NUM_THREADS and threadpoolctl)."""
+    return max(1, int(_kernels.max_threads()))
+
+
+@functools.cache
+def _threadpool_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _blas_held_to_one_thread(threads: int):
+    """BLAS limited to one thread while ``threads`` > 1 OpenMP threads call it."""
+    if threads <= 1:
+        return contextlib.nullcontext()
+    return _threadpool_controller().limit(limits=1, user_api="blas")
+
+
+def _layer_options(stack) -> tuple[int, bool, float, int]:
+    residual = stack.residual
+    return (ACTIVATION_CODES[stack.activation], residual is not None,
+            0.0 if residual is None else float(residual), NORM_CODES[stack.norm])
+
+
+def forward(stack, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(x)
+    threads = min(n_threads(), x.shape[0])
+    with _blas_held_to_one_thread(threads):
+        _kernels.forward(stack.weights, stack.biases, x, *_layer_options(stack), out, threads)
+    return out
+
+
+def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray) -> dict:
+    depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
+    threads = n_threads()
+    blocks = max(1, min(threads, batch))
+    xs = np.empty((depth + 1, batch, width), dtype)
+    derivatives = np.empty((depth, batch, width), dtype)
+    mean_pre, inv_pre, inv_post = (np.empty((depth, batch), dtype) for _ in range(3))
+    log_scale_h = np.empty((depth, batch))
+    log_grad_norm = np.empty((batch, depth + 1))
+    log_weight_grad_norm = np.empty(depth)
+    saturated = np.zeros((blocks, depth), np.int64)
+    alive = np.zeros((blocks, depth, width), np.uint8)
+    with _blas_held_to_one_thread(threads):
+        _kernels.gradient_profile(
+            stack.weights, stack.biases, x, grad_output, *_layer_options(stack), xs, derivatives,
+            mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, log_weight_grad_norm,
+            saturated, alive, threads,
+        )
+    return {
+        "log_grad_norm": log_grad_norm,
+        "log_weight_grad_norm": log_weight_grad_norm,
+        "saturation": saturated.sum(axis=0) / (batch * width),
+        "dead": (alive.max(axis=0) == 0).mean(axis=1),
+    }
+
+
+def _jacobian_product(kernel, stack, x: np.ndarray, vectors: np.ndarray,
+                      out: np.ndarray | None) -> np.ndarray:
+    """Runs a JVP / VJP kernel, in place on ``out`` after copying (and broadcasting) ``vectors``."""
+    batch, k = x.shape[0], vectors.shape[-2]
+    if out is None:
+        out = np.empty((batch, k, stack.width), stack.dtype)
+    np.copyto(out, vectors)
+    threads = n_threads()
+    items = _kernels.work_items(batch, k, threads)
+    with _blas_held_to_one_thread(min(threads, items)):
+        kernel(stack.weights, stack.biases, x, *_layer_options(stack), out, items, threads)
+    return out
+
+
+def jvp(stack, x, tangents, out):
+    return _jacobian_product(_kernels.jvp, stack, x, tangents, out)
+
+
+def vjp(stack, x, cotangents, out):
+    return _jacobian_product(_kernels.vjp, stack, x, cotangents, out)
+
+
+def jacobian(stack, x, out):
+    # Row i of J is J^T e_i: the VJP of the identity gives J in (out, in) layout directly.
+    identity = np.eye(stack.width, dtype=stack.dtype)
+    return _jacobian_product(_kernels.vjp, stack, x, identity, out)

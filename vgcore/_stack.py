@@ -1,0 +1,288 @@
+"""The deep stack: parameters plus the options of DESIGN.md's layer."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from vgcore import _validation as check
+
+#: sigma_w given by name: the scheme's weight scale for a square layer.
+SIGMA_W_SCHEMES = {"xavier": 1.0, "lecun": 1.0, "he": math.sqrt(2.0)}
+INITS = ("gaussian", "orthogonal", "uniform")
+
+
+class Stack:
+    """A deep stack of L dense layers of width n (DESIGN.md, "The model").
+
+    Layer l maps x (B, n) to x' (B, n)::
+
+        u  = LN(x)              if norm == "pre"  else x
+        h  = u @ W_l.T + b_l                      (W_l is (out, in), as torch.nn.Linear)
+        f  = phi(h)
+        y  = x + residual * f   if residual is not None else f
+        x' = LN(y)              if norm == "post" else y
+
+    Parameters
+    ----------
+    weights : array-like, shape (L, n, n)
+        Weight matrices in (out, in) layout; float32 or float64.  NumPy, CuPy
+        or any DLPack-capable array.  Not copied when already C-contiguous:
+        the stack keeps a read-only view.
+    biases : array-like, shape (L, n), optional
+        Biases; zeros when omitted.  Cast to the weights' dtype.
+    activation : str
+        One of :data:`vgcore.ACTIVATIONS`.
+    residual : float, optional
+        Scale of the residual branch; None for a plain stack.
+    norm : {None, "pre", "post"}
+        Where a layer norm (no affine parameters, eps 1e-5) sits.
+
+    Raises
+    ------
+    TypeError
+        Non-floating arrays, wrong argument types.
+    ValueError
+        Wrong shapes, depth or width < 1, NaN / inf, unknown activation or norm.
+    """
+
+    def __init__(self, weights: Any, biases: Any = None, *, activation: str,
+                 residual: float | None = None, norm: str | None = None) -> None:
+        self._activation = check.check_activation(activation)
+        self._residual = check.check_residual(residual)
+        self._norm = check.check_norm(norm)
+        weights = check.as_float_array(weights, "weights", ndim=3)
+        depth, rows, cols = weights.shape
+        if depth < 1:
+            raise ValueError("weights: depth (first axis) must be >= 1, got 0")
+        if rows < 1 or rows != cols:
+            raise ValueError(f"weights: expected square (L, n, n) matrices with n >= 1, got shape "
+                             f"{tuple(weights.shape)}")
+        xp = check.array_namespace(weights)
+        if biases is None:
+            biases = xp.zeros((depth, rows), dtype=weights.dtype)
+        else:
+            biases = check.as_float_array(biases, "biases", ndim=2, dtype=weights.dtype)
+            if check.array_namespace(biases) is not xp:
+                raise TypeError("biases: must live on the same device as weights")
+            if tuple(biases.shape) != (depth, rows):
+                raise ValueError(f"biases: expected shape {(depth, rows)}, got {tuple(biases.shape)}")
+        self._weights = _read_only(check.contiguous(weights))
+        self._biases = _read_only(check.contiguous(biases))
+        self._init: str | None = None
+        self._sigma_w: float | None = None
+        self._sigma_b: float | None = None
+        self._seed: int | None = None
+        self._chi_theory: float | None = None
+
+    @classmethod
+    def random(cls, depth: int, width: int, *, activation: str = "tanh", init: str = "gaussian",
+               sigma_w: float | str = 1.0, sigma_b: float = 0.0, residual: float | None = None,
+               norm: str | None = None, dtype: Any = "float64", seed: int | None = None,
+               device: str = "cpu") -> Stack:
+        """A stack with random weights, reproducible from ``seed``.
+
+        Parameters
+        ----------
+        depth, width : int
+            L >= 1 layers of n >= 1 units.
+        activation : str
+            One of :data:`vgcore.ACTIVATIONS`.
+        init : {"gaussian", "orthogonal", "uniform"}
+            W ~ N(0, sigma_w^2 / n); sigma_w times a Haar-random orthogonal
+            matrix; or uniform on [-a, a] with the same variance (a = sigma_w sqrt(3 / n)).
+        sigma_w : float or {"xavier", "lecun", "he", "critical"}
+            Weight scale, or a scheme: xavier and lecun give 1 (square layers),
+            he sqrt 2, critical the sigma_w at which mean-field chi_1 = 1 for
+            this activation and sigma_b (:func:`vgcore.theory.critical_sigma_w`).
+        sigma_b : float
+            Bias standard deviation, b ~ N(0, sigma_b^2).
+        residual, norm
+            As for :class:`Stack`.
+        dtype : {"float64", "float32"}
+            Parameters' dtype.  Weights are drawn in float64 and rounded, so
+            both dtypes hold the same weights up to rounding.
+        seed : int, optional
+            Seed of NumPy's default generator; the same seed gives the same
+            weights on CPU and GPU.  None draws a fresh seed (kept in ``.seed``).
+        device : {"cpu", "cuda"}
+            Where the parameters live.
+
+        Returns
+        -------
+        Stack
+
+        Raises
+        ------
+        TypeError, ValueError
+            Naming the offending argument.
+        """
+        depth = check.check_int(depth, "depth")
+        width = check.check_int(width, "width")
+        activation = check.check_activation(activation)
+        if not isinstance(init, str):
+            raise TypeError(f"init: expected a string, got {type(init).__name__}")
+        if init not in INITS:
+            raise ValueError(f"init: unknown init {init!r}; expected one of {INITS}")
+        sigma_b = check.check_real(sigma_b, "sigma_b", minimum=0.0)
+        sigma_w_value = _resolve_sigma_w(sigma_w, activation, sigma_b)
+        dtype = check.check_dtype(dtype)
+        if not isinstance(device, str) or device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        else:
+            seed = check.check_int(seed, "seed", minimum=0)
+        check.check_residual(residual)
+        check.check_norm(norm)
+
+        rng = np.random.default_rng(seed)
+        if init == "gaussian":
+            weights = rng.standard_normal((depth, width, width)) * (sigma_w_value / math.sqrt(width))
+        elif init == "uniform":
+            bound = sigma_w_value * math.sqrt(3.0 / width)
+            weights = rng.uniform(-bound, bound, size=(depth, width, width))
+        else:
+            # Haar measure: QR of a Gaussian matrix with R's diagonal made positive
+            q, r = np.linalg.qr(rng.standard_normal((depth, width, width)))
+            signs = np.sign(np.diagonal(r, axis1=1, axis2=2))
+            signs[signs == 0] = 1.0
+            weights = sigma_w_value * q * signs[:, None, :]
+        biases = sigma_b * rng.standard_normal((depth, width))
+        weights, biases = weights.astype(dtype), biases.astype(dtype)
+        if device == "cuda":
+            from vgcore._cuda import to_device
+
+            weights, biases = to_device(weights), to_device(biases)
+        stack = cls(weights, biases, activation=activation, residual=residual, norm=norm)
+        stack._init = init
+        stack._sigma_w = sigma_w_value
+        stack._sigma_b = sigma_b
+        stack._seed = seed
+        return stack
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def weights(self):
+        """Weight matrices, (L, n, n), (out, in) layout, read-only."""
+        return self._weights
+
+    @property
+    def biases(self):
+        """Biases, (L, n), read-only."""
+        return self._biases
+
+    @property
+    def depth(self) -> int:
+        """Number of layers L."""
+        return int(self._weights.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Number of units n of every layer."""
+        return int(self._weights.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """float32 or float64."""
+        return np.dtype(self._weights.dtype)
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @property
+    def residual(self) -> float | None:
+        return self._residual
+
+    @property
+    def norm(self) -> str | None:
+        return self._norm
+
+    @property
+    def device(self) -> str:
+        """"cuda" when the parameters are CuPy arrays, else "cpu"."""
+        return "cuda" if check.is_cupy_array(self._weights) else "cpu"
+
+    @property
+    def init(self) -> str | None:
+        """The init scheme of a random stack; None for explicit weights."""
+        return self._init
+
+    @property
+    def sigma_w(self) -> float | None:
+        """The weight scale of a random stack (schemes resolved); None for explicit weights."""
+        return self._sigma_w
+
+    @property
+    def sigma_b(self) -> float | None:
+        """The bias scale of a random stack; None for explicit weights."""
+        return self._sigma_b
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of a random stack; None for explicit weights."""
+        return self._seed
+
+    @property
+    def chi_theory(self) -> float:
+        """Mean-field chi_1 of this stack; NaN where theory here does not apply.
+
+        Defined for random stacks without residual connections or layer norm.
+        """
+        if self._chi_theory is None:
+            self._chi_theory = float("nan")
+            if self._sigma_w is not None and self._residual is None and self._norm is None:
+                from vgcore import theory
+
+                self._chi_theory = float(theory.chi1(self._activation, self._sigma_w, self._sigma_b))
+        return self._chi_theory
+
+    def config(self) -> dict:
+        """The stack's options as a dict (activation, residual, norm, init, sigma_w, sigma_b, seed, ...)."""
+        return {
+            "depth": self.depth,
+            "width": self.width,
+            "activation": self._activation,
+            "init": self._init,
+            "sigma_w": self._sigma_w,
+            "sigma_b": self._sigma_b,
+            "residual": self._residual,
+            "norm": self._norm,
+            "dtype": self.dtype.name,
+            "seed": self._seed,
+        }
+
+    def __repr__(self) -> str:
+        options = [f"depth={self.depth}", f"width={self.width}", f"activation={self._activation!r}"]
+        if self._init is not None:
+            options += [f"init={self._init!r}", f"sigma_w={self._sigma_w:g}", f"sigma_b={self._sigma_b:g}"]
+        if self._residual is not None:
+            options.append(f"residual={self._residual:g}")
+        if self._norm is not None:
+            options.append(f"norm={self._norm!r}")
+        options += [f"dtype={self.dtype.name}", f"device={self.device!r}"]
+        return f"Stack({', '.join(options)})"
+
+
+def _resolve_sigma_w(sigma_w: Any, activation: str, sigma_b: float) -> float:
+    if isinstance(sigma_w, str):
+        if sigma_w == "critical":
+            from vgcore import theory
+
+            return float(theory.critical_sigma_w(activation, sigma_b))
+        if sigma_w not in SIGMA_W_SCHEMES:
+            raise ValueError(f"sigma_w: unknown scheme {sigma_w!r}; expected a number or one of "
+                             f"{(*SIGMA_W_SCHEMES, 'critical')}")
+        return SIGMA_W_SCHEMES[sigma_w]
+    return check.check_real(sigma_w, "sigma_w", positive=True)
+
+
+def _read_only(array):
+    """A read-only view for NumPy arrays (the caller's array keeps its flags)."""
+    if isinstance(array, np.ndarray):
+        array = array.view()
+        array.flags.writeable = False
+    return array

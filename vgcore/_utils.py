@@ -1,0 +1,43 @@
+"""Small helpers of the public API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vgcore import _validation as check
+
+
+def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: float = 1.0):
+    """Standard normal inputs x_0 of shape (batch, stack.width) in the stack's dtype and device.
+
+    Parameters
+    ----------
+    stack : Stack
+    batch : int
+        Number of samples B >= 1.
+    seed : int, optional
+        Seed of NumPy's default generator (drawn in float64 on the host, so the
+        same seed gives the same inputs on every backend).
+    scale : float
+        Standard deviation of the entries.
+
+    Returns
+    -------
+    ndarray, shape (batch, width)
+    """
+    from vgcore._stack import Stack
+
+    if not isinstance(stack, Stack):
+        raise TypeError(f"stack: expected a vgcore.Stack, got {type(stack).__name__}")
+    batch = check.check_int(batch, "batch")
+    scale = check.check_real(scale, "scale", positive=True)
+    if seed is not None:
+        seed = check.check_int(seed, "seed", minimum=0)
+    values = (scale * np.random.default_rng(seed).standard_normal((batch, stack.width))).astype(stack.dtype)
+    if stack.device == "cuda":
+        from vgcore._cuda import to_device
+
+        return to_device(values)
+    return values
