@@ -104,3 +104,21 @@ def jacobian(stack, x, out):
     # Row i of J is J^T e_i: the VJP of the identity gives J in (out, in) layout directly.
     identity = np.eye(stack.width, dtype=stack.dtype)
     return _jacobian_product(_kernels.vjp, stack, x, identity, out)
+
+
+def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
+    """Gradient profiles of many stacks at once (the sweep's chunk runner).
+
+    Parameters
+    ----------
+    stacks : sequence of Stack
+        Validated host stacks.
+    xs, grad_outputs : sequence of ndarray, each (B_i, n_i)
+        C-contiguous inputs and cotangents in each stack's dtype.
+
+    Returns
+    -------
+    list of dict
+        One :func:`gradient_profile` result per stack, in order.
+    """
+    return [gradient_profile(stack, x, g) for stack, x, g in zip(stacks, xs, grad_outputs, strict=True)]
