@@ -1,0 +1,588 @@
+"""vgcore.torch: the gradient monitor, its findings, LLRD parameter groups and freezing."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pandas")
+from torch import nn  # noqa: E402
+
+from vgcore.torch import (  # noqa: E402
+    GradientMonitor,
+    auto_decay,
+    freeze_layers,
+    llrd_param_groups,
+    resolve_layers,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# Models
+
+
+class Block(nn.Module):
+    """``x + sigmoid(W LN(x))`` (``residual=True``) or ``sigmoid(W x)``."""
+
+    def __init__(self, width: int, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.norm = nn.LayerNorm(width) if residual else nn.Identity()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(self.linear(self.norm(x)))
+        return x + y if self.residual else y
+
+
+class Encoder(nn.Module):
+    """Embedding -> ModuleList of blocks -> head, as a transformer encoder lays itself out."""
+
+    def __init__(self, depth: int = 4, width: int = 8, residual: bool = True, vocab: int = 11) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(Block(width, residual) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, tokens: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+        x = self.embed(tokens).mean(dim=1)
+        for index, block in enumerate(self.blocks):
+            if index != skip:
+                x = block(x)
+        return self.head(x)
+
+
+def sigmoid_mlp(depth: int, width: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def reference_norms(
+    model: nn.Module, loss: torch.Tensor, groups: dict[str, list[nn.Parameter]]
+) -> np.ndarray:
+    """Per-group gradient norms by plain autograd, independent of any hook."""
+    params = [p for ps in groups.values() for p in ps]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    by_id = {id(p): g for p, g in zip(params, grads, strict=True)}
+    out = []
+    for ps in groups.values():
+        total = sum(float((by_id[id(p)].double() ** 2).sum()) for p in ps if by_id[id(p)] is not None)
+        out.append(math.sqrt(total))
+    return np.array(out)
+
+
+def tokens(seed: int, batch: int = 16, length: int = 5, vocab: int = 11) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------
+# Import behaviour
+
+
+def test_import_vgcore_does_not_import_torch():
+    code = "import sys, vgcore; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_import_without_torch_names_the_extra():
+    code = (
+        "import sys\nsys.modules['torch'] = None\n"
+        "try:\n    import vgcore.torch\nexcept ImportError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("ERR")
+    assert "pip install vgcore[torch]" in out.stdout
+
+
+# --------------------------------------------------------------------------
+# Layer grouping and exact norms
+
+
+def test_default_layers_are_blocks_of_the_largest_module_list():
+    model = Encoder(depth=5)
+    layers = resolve_layers(model)
+    assert list(layers) == [f"blocks.{i}" for i in range(5)]
+    assert [len(ps) for ps in layers.values()] == [4] * 5  # LayerNorm w, b; Linear w, b
+
+
+def test_default_layers_without_module_list_are_parameter_owning_modules():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert list(resolve_layers(model)) == ["0", "2"]
+
+
+def test_norms_equal_autograd_norms_per_linear_layer():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    with GradientMonitor(model) as monitor:
+        loss = model(x).pow(2).mean()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        monitor.step()
+        history = monitor.history
+    assert list(history.columns) == ["0", "2", "4"]
+    assert history.shape == (1, 3)
+    np.testing.assert_allclose(history.iloc[0].to_numpy(), expected, rtol=1e-6)
+
+
+def test_norms_equal_autograd_norms_per_block():
+    torch.manual_seed(2)
+    model = Encoder(depth=4)
+    batch = tokens(0)
+    with GradientMonitor(model) as monitor:
+        loss = nn.functional.cross_entropy(model(batch), torch.arange(16) % 3)
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        monitor.step()
+        got = monitor.history.iloc[0].to_numpy()
+    assert np.all(expected > 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_explicit_layers_as_names_and_mapping():
+    model = Encoder(depth=3)
+    by_names = GradientMonitor(model, layers=["embed", "blocks.0", "head"])
+    by_mapping = GradientMonitor(model, layers={"bottom": model.blocks[0], "top": [model.head.weight]})
+    try:
+        assert by_names.layer_names == ["embed", "blocks.0", "head"]
+        assert by_mapping.layer_names == ["bottom", "top"]
+        loss = model(tokens(1)).sum()
+        expected = reference_norms(model, loss, {"w": [model.head.weight]})
+        loss.backward()
+        by_mapping.step()
+        assert by_mapping.history["top"].iloc[0] == pytest.approx(expected[0], rel=1e-6)
+    finally:
+        by_names.close()
+        by_mapping.close()
+
+
+def test_inplace_relu_norms_equal_autograd():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 1)
+    )
+    x = torch.randn(32, 8)
+    with GradientMonitor(model) as monitor:
+        loss = model(x).pow(2).mean()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        monitor.step()
+        got = monitor.history.iloc[0].to_numpy()
+    assert np.all(expected > 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_gradient_accumulation_records_the_norm_of_the_summed_gradient():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    batches = [torch.randn(8, 5) for _ in range(3)]
+    groups = resolve_layers(model)
+    params = [p for ps in groups.values() for p in ps]
+    summed = [torch.zeros_like(p) for p in params]
+    for x in batches:
+        for total, g in zip(summed, torch.autograd.grad(model(x).pow(2).mean(), params), strict=True):
+            total += g
+    squares = {id(p): float(s.double().pow(2).sum()) for p, s in zip(params, summed, strict=True)}
+    expected = [math.sqrt(sum(squares[id(p)] for p in ps)) for ps in groups.values()]
+    single = reference_norms(model, model(batches[-1]).pow(2).mean(), groups)
+    with GradientMonitor(model) as monitor:
+        for x in batches:
+            model(x).pow(2).mean().backward()
+        monitor.step()
+        got = monitor.history.iloc[0].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert not np.allclose(got, single, rtol=1e-3)  # not the last micro-batch's alone
+
+
+def test_zero_grad_after_backward_does_not_change_the_recorded_norm():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(10, 4)
+    with GradientMonitor(model) as monitor:
+        loss = model(x).sum()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        model.zero_grad(set_to_none=True)  # before monitor.step()
+        monitor.step()
+        np.testing.assert_allclose(monitor.history.iloc[0].to_numpy(), expected, rtol=1e-5)
+
+
+def test_grad_scaler_norms_are_unscaled():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    x = torch.randn(10, 4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with GradientMonitor(model, scaler=scaler) as monitor:
+        loss = model(x).pow(2).mean()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        scaler.scale(loss).backward()
+        raw = model[0].weight.grad.norm().item()
+        monitor.step()
+        got = monitor.history.iloc[0].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert raw > 1000 * got[0]  # the gradients themselves were scaled
+
+
+# --------------------------------------------------------------------------
+# Steps, history and hooks
+
+
+def test_every_defers_the_host_copy_and_history_flushes():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    with GradientMonitor(model, every=3) as monitor:
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+            monitor.step()
+        assert len(monitor._pending) == 2 and not monitor._rows  # still on the device
+        model(torch.randn(4, 3)).sum().backward()
+        monitor.step()
+        assert not monitor._pending and len(monitor._rows) == 3  # one copy for three steps
+        model(torch.randn(4, 3)).sum().backward()
+        monitor.step()
+        history = monitor.history  # reading flushes the partial batch
+    assert list(history.index) == [0, 1, 2, 3]
+    assert history.index.name == "step"
+    assert np.all(history.to_numpy() > 0)
+
+
+def test_optimizer_drives_the_steps_and_steps_without_backward_are_not_recorded():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, optimizer=optimizer) as monitor:
+        for _ in range(4):
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        optimizer.step()  # no backward since the last step
+        assert monitor.steps == 5
+        assert list(monitor.history.index) == [0, 1, 2, 3]
+
+
+def test_close_removes_every_hook():
+    model = Encoder(depth=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+    monitor = GradientMonitor(model, optimizer=optimizer)
+    watched = [p for ps in resolve_layers(model).values() for p in ps]
+    assert monitor.num_hooks == len(watched) + 1
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in watched)
+    model(tokens(2)).sum().backward()
+    optimizer.step()
+    monitor.close()
+    assert monitor.num_hooks == 0
+    assert [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()] == before
+    rows = len(monitor.history)
+    model(tokens(3)).sum().backward()
+    optimizer.step()  # the step post-hook is gone too
+    assert len(monitor.history) == rows == 1
+    assert not monitor._reached and not monitor._pass_indices
+    with pytest.raises(RuntimeError, match="closed"):
+        monitor.step()
+    monitor.close()  # idempotent
+
+
+def test_context_manager_closes_on_error():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ZeroDivisionError), GradientMonitor(model, layers=[model]) as monitor:
+        raise ZeroDivisionError
+    assert monitor.num_hooks == 0
+    assert not model.weight._post_accumulate_grad_hooks
+
+
+# --------------------------------------------------------------------------
+# Findings
+
+
+def run_one_step(model: nn.Module, x: torch.Tensor, **monitor_kwargs) -> GradientMonitor:
+    monitor = GradientMonitor(model, **monitor_kwargs)
+    model(x).pow(2).mean().backward()
+    monitor.step()
+    monitor.close()
+    return monitor
+
+
+class DeepNet(nn.Module):
+    """``depth`` blocks in an ``nn.ModuleList`` (the monitor's default layers), then a linear readout."""
+
+    def __init__(self, depth: int, width: int, residual: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, residual) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deep_sigmoid_mlp_is_vanishing_and_residual_layernorm_is_not(seed):
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    plain = DeepNet(20, 32, residual=False)
+    torch.manual_seed(seed)
+    residual = DeepNet(20, 32, residual=True)
+
+    plain_monitor = run_one_step(plain, x)
+    findings = plain_monitor.check()
+    assert [f.kind for f in findings] == ["vanishing"]
+    assert plain_monitor.profile()["imbalance"] > 1e3
+    assert plain_monitor.profile()["chi"] < 0.5
+    assert "blocks.0" in findings[0].layers and "blocks.19" not in findings[0].layers
+
+    residual_monitor = run_one_step(residual, x)
+    profile = residual_monitor.profile()
+    assert residual_monitor.layer_names == plain_monitor.layer_names  # the same 20 blocks
+    assert residual_monitor.check() == []
+    assert 0.5 < profile["imbalance"] < 2
+    assert 0.8 < profile["chi"] < 1.25
+    assert profile["layers"] == residual_monitor.layer_names
+
+
+def test_frozen_layers_are_frozen_not_vanished():
+    torch.manual_seed(8)
+    model = Encoder(depth=8)
+    frozen = freeze_layers(model, first=4)
+    assert frozen == ["embeddings", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    monitor = run_one_step(model, tokens(4))
+    history = monitor.history
+    assert history.iloc[0, :4].isna().all() and (history.iloc[0, 4:] > 0).all()
+    findings = monitor.check()
+    assert [f.kind for f in findings] == ["frozen"]
+    assert findings[0].layers == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+    profile = monitor.profile()
+    assert profile["frozen"] == list(findings[0].layers)
+    assert profile["layers"] == ["blocks.4", "blocks.5", "blocks.6", "blocks.7"]
+    assert math.isfinite(profile["total_norm"])
+
+
+def test_layers_frozen_when_the_monitor_starts_are_watched_once_unfrozen():
+    torch.manual_seed(13)
+    model = Encoder(depth=4)
+    freeze_layers(model, first=2)
+    with GradientMonitor(model) as monitor:
+        assert all(not p.requires_grad for p in model.blocks[0].parameters())  # left as it was
+        model(tokens(6)).sum().backward()
+        monitor.step()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.zero_grad()
+        loss = model(tokens(7)).sum()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        monitor.step()
+        history = monitor.history.to_numpy()
+    assert np.isnan(history[0, :2]).all()
+    np.testing.assert_allclose(history[1], expected, rtol=1e-5)
+
+
+def test_dead_layer_is_dead_not_frozen():
+    torch.manual_seed(9)
+    model = Encoder(depth=4)
+    monitor = GradientMonitor(model)
+    loss = nn.functional.cross_entropy(model(tokens(5), skip=1), torch.arange(16) % 3)
+    loss.backward()
+    monitor.step()
+    monitor.close()
+    assert monitor.history["blocks.1"].iloc[0] == 0.0
+    kinds = {f.kind: f for f in monitor.check()}
+    assert "frozen" not in kinds
+    assert kinds["dead"].layers == ("blocks.1",)
+
+
+def test_exploding_total_norm_and_non_finite_gradients():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    monitor = GradientMonitor(model)
+    (1e6 * model(x).pow(2).mean()).backward()
+    monitor.step()
+    total = monitor.profile()["total_norm"]
+    assert total > 1e3
+    too_large = [f for f in monitor.check(max_norm=1e3) if "max_norm" in f.message]
+    assert [f.kind for f in too_large] == ["exploding"] and too_large[0].value == pytest.approx(total)
+    assert not [f for f in monitor.check(max_norm=10 * total) if "max_norm" in f.message]
+    model.zero_grad()
+    (model(x).sum() * float("nan")).backward()
+    monitor.step()
+    findings = monitor.check()
+    monitor.close()
+    assert findings[0].kind == "exploding" and findings[0].layers == ("0", "2")
+    assert "non-finite" in findings[0].message
+
+
+def test_check_logs_findings(caplog):
+    torch.manual_seed(11)
+    model = nn.Sequential(sigmoid_mlp(12, 16), nn.Linear(16, 1))
+    monitor = run_one_step(model, torch.randn(32, 16))
+    with caplog.at_level(logging.WARNING, logger="vgcore.torch"):
+        findings = monitor.check(log=True)
+    assert findings and findings[0].kind == "vanishing"
+    assert any("vanishing" in r.getMessage() and "imbalance" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monitor.check()
+    assert not caplog.records
+
+
+def test_profile_window_is_a_geometric_mean_and_no_step_raises():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    monitor = GradientMonitor(model)
+    with pytest.raises(RuntimeError, match="no step recorded"):
+        monitor.profile()
+    for scale in (1.0, 4.0):
+        model.zero_grad()
+        (scale * model(torch.ones(3, 2)).sum()).backward()
+        monitor.step()
+    monitor.close()
+    rows = monitor.history.to_numpy()
+    geometric = np.sqrt(rows[0] * rows[1])
+    got = monitor.profile(window=2)["grad_norm"]
+    np.testing.assert_allclose(list(got.values()), geometric, rtol=1e-12)
+    np.testing.assert_allclose(rows[1], 4 * rows[0], rtol=1e-5)
+
+
+def test_plot_draws_one_line_per_layer():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = Encoder(depth=3)
+    with GradientMonitor(model) as monitor:
+        for seed in range(3):
+            model(tokens(seed)).sum().backward()
+            monitor.step()
+        ax = monitor.plot()
+    assert [line.get_label() for line in ax.get_lines()] == monitor.layer_names
+    assert len(ax.get_lines()[0].get_xdata()) == 3
+    plt.close(ax.figure)
+
+
+# --------------------------------------------------------------------------
+# LLRD and freezing
+
+
+def test_llrd_param_groups_exact_learning_rates():
+    model = Encoder(depth=4)
+    groups = llrd_param_groups(model, base_lr=1e-3, decay=0.5)
+    assert [g["name"] for g in groups] == [
+        "embeddings",
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+        "blocks.3",
+        "head",
+    ]
+    assert [g["lr"] for g in groups] == [1e-3 * 0.5**4, 1e-3 * 0.5**3, 1e-3 * 0.5**2, 1e-3 * 0.5, 1e-3, 1e-3]
+    assert groups[0]["params"] == [model.embed.weight]
+    assert groups[-1]["params"] == [model.head.weight, model.head.bias]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    optimizer = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in groups]
+
+
+def test_llrd_skips_frozen_parameters():
+    model = Encoder(depth=4)
+    freeze_layers(model, first=2)
+    groups = llrd_param_groups(model, base_lr=0.1, decay=0.8)
+    assert [g["name"] for g in groups] == ["blocks.2", "blocks.3", "head"]
+    assert groups[0]["lr"] == pytest.approx(0.1 * 0.8)
+
+
+def test_auto_decay_follows_a_known_synthetic_profile():
+    ratio, depth = 0.6, 6
+    norms = 3.0 * ratio ** np.arange(depth - 1, -1, -1.0)  # input -> output, each block 0.6x the next
+    assert auto_decay(norms) == pytest.approx(ratio, rel=1e-12)
+    model = Encoder(depth=depth)
+    groups = llrd_param_groups(model, base_lr=2e-4, decay="auto", profile=norms)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    for index in range(depth):
+        assert lrs[f"blocks.{index}"] == pytest.approx(2e-4 * ratio ** (depth - 1 - index), rel=1e-12)
+    assert lrs["embeddings"] == pytest.approx(2e-4 * ratio**depth, rel=1e-12)
+    assert lrs["head"] == 2e-4
+    # growing towards the input: uniform; very steep: the lower bound
+    assert auto_decay(norms[::-1]) == 1.0
+    assert auto_decay(1e-3 ** np.arange(depth - 1, -1, -1.0), bounds=(0.2, 1.0)) == 0.2
+
+
+def test_auto_decay_from_a_monitor_uses_its_history():
+    torch.manual_seed(12)
+    model = nn.Sequential(sigmoid_mlp(6, 16), nn.Linear(16, 1))
+    with GradientMonitor(model) as monitor:
+        for seed in range(3):
+            model.zero_grad()
+            model(torch.randn(16, 16, generator=torch.Generator().manual_seed(seed))).pow(2).mean().backward()
+            monitor.step()
+    mean_log = np.log(monitor.history.to_numpy()).mean(axis=0)
+    slope = np.polyfit(np.arange(mean_log.size), mean_log, 1)[0]
+    expected = min(max(math.exp(-slope), 0.1), 1.0)
+    assert expected < 1.0  # the sigmoid stack's gradients do shrink towards the input
+    assert auto_decay(monitor) == pytest.approx(expected, rel=1e-9)
+    assert auto_decay(monitor.history) == pytest.approx(expected, rel=1e-9)
+
+
+def test_freeze_layers():
+    model = Encoder(depth=4)
+    assert freeze_layers(model, first=0) == []
+    assert all(p.requires_grad for p in model.parameters())
+    assert freeze_layers(model, first=2, embeddings=False) == ["blocks.0", "blocks.1"]
+    assert model.embed.weight.requires_grad
+    assert not any(p.requires_grad for b in model.blocks[:2] for p in b.parameters())
+    assert all(p.requires_grad for b in model.blocks[2:] for p in b.parameters())
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "name"),
+    [
+        (lambda m: GradientMonitor("model"), TypeError, "model"),
+        (lambda m: GradientMonitor(m, every=0), ValueError, "every"),
+        (lambda m: GradientMonitor(m, every=1.5), TypeError, "every"),
+        (lambda m: GradientMonitor(m, layers=["nope"]), ValueError, "layers"),
+        (lambda m: GradientMonitor(m, layers=42), TypeError, "layers"),
+        (lambda m: GradientMonitor(m, layers={"x": nn.Linear(2, 2)}), ValueError, "layers"),
+        (lambda m: GradientMonitor(m, optimizer="sgd"), TypeError, "optimizer"),
+        (lambda m: llrd_param_groups(m, base_lr=-1.0), ValueError, "base_lr"),
+        (lambda m: llrd_param_groups(m, base_lr=1e-3, decay="fast"), ValueError, "decay"),
+        (lambda m: llrd_param_groups(m, base_lr=1e-3, decay=0.0), ValueError, "decay"),
+        (lambda m: llrd_param_groups(m, base_lr=1e-3, decay="auto"), ValueError, "profile"),
+        (lambda m: llrd_param_groups(m, base_lr=1e-3, decay="auto", profile=[1.0]), ValueError, "profile"),
+        (lambda m: auto_decay([1.0, 2.0], bounds=(1.0, 0.5)), ValueError, "bounds"),
+        (lambda m: freeze_layers(m, first=9), ValueError, "first"),
+        (lambda m: freeze_layers(m, first=True), TypeError, "first"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, name):
+    model = Encoder(depth=3)
+    with pytest.raises(error, match=name):
+        call(model)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_check_validates_thresholds():
+    model = nn.Linear(2, 1)
+    with GradientMonitor(model, layers=[model]) as monitor:
+        model(torch.ones(1, 2)).sum().backward()
+        monitor.step()
+        with pytest.raises(ValueError, match="imbalance_threshold"):
+            monitor.check(imbalance_threshold=-1)
+        with pytest.raises(TypeError, match="log"):
+            monitor.check(log="yes")
+        with pytest.raises(ValueError, match="window"):
+            monitor.check(window=0)
