@@ -7,7 +7,6 @@ thread pools never oversubscribe the cores.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -24,16 +23,29 @@ def n_threads() -> int:
 
 
 @functools.cache
+def n_partitions() -> int:
+    """Blocks the work is cut into: the machine's processor count, never the thread count.
+
+    Fixed per machine, so that results are bitwise the same for any number of
+    threads (BLAS may round a row differently within blocks of other heights).
+    """
+    return max(1, int(_kernels.num_procs()))
+
+
+@functools.cache
 def _threadpool_controller():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
 
 
-def _blas_held_to_one_thread(threads: int):
-    """BLAS limited to one thread while ``threads`` > 1 OpenMP threads call it."""
-    if threads <= 1:
-        return contextlib.nullcontext()
+def _blas_held_to_one_thread():
+    """BLAS limited to one thread while the kernels run.
+
+    With several OpenMP threads calling BLAS the two pools would
+    oversubscribe the cores; with one, BLAS's own threads would make the
+    rounding depend on the thread count.  The kernels parallelise themselves.
+    """
     return _threadpool_controller().limit(limits=1, user_api="blas")
 
 
@@ -46,16 +58,17 @@ def _layer_options(stack) -> tuple[int, bool, float, int]:
 def forward(stack, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     if out is None:
         out = np.empty_like(x)
-    threads = min(n_threads(), x.shape[0])
-    with _blas_held_to_one_thread(threads):
-        _kernels.forward(stack.weights, stack.biases, x, *_layer_options(stack), out, threads)
+    blocks = min(n_partitions(), x.shape[0])
+    threads = min(n_threads(), blocks)
+    with _blas_held_to_one_thread():
+        _kernels.forward(stack.weights, stack.biases, x, *_layer_options(stack), out, blocks, threads)
     return out
 
 
 def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray) -> dict:
     depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
     threads = n_threads()
-    blocks = max(1, min(threads, batch))
+    blocks = min(n_partitions(), batch)
     xs = np.empty((depth + 1, batch, width), dtype)
     derivatives = np.empty((depth, batch, width), dtype)
     mean_pre, inv_pre, inv_post = (np.empty((depth, batch), dtype) for _ in range(3))
@@ -64,7 +77,7 @@ def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray) -> dict:
     log_weight_grad_norm = np.empty(depth)
     saturated = np.zeros((blocks, depth), np.int64)
     alive = np.zeros((blocks, depth, width), np.uint8)
-    with _blas_held_to_one_thread(threads):
+    with _blas_held_to_one_thread():
         _kernels.gradient_profile(
             stack.weights, stack.biases, x, grad_output, *_layer_options(stack), xs, derivatives,
             mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, log_weight_grad_norm,
@@ -86,8 +99,8 @@ def _jacobian_product(kernel, stack, x: np.ndarray, vectors: np.ndarray,
         out = np.empty((batch, k, stack.width), stack.dtype)
     np.copyto(out, vectors)
     threads = n_threads()
-    items = _kernels.work_items(batch, k, threads)
-    with _blas_held_to_one_thread(min(threads, items)):
+    items = _kernels.work_items(batch, k, n_partitions())
+    with _blas_held_to_one_thread():
         kernel(stack.weights, stack.biases, x, *_layer_options(stack), out, items, threads)
     return out
 

@@ -10,13 +10,15 @@ checks or raises):
 - ``norm`` is 0 (none), 1 (pre) or 2 (post); ``activation`` is a code of
   csrc/vg_activations.h; ``residual`` is used only when ``has_residual``.
 
-Parallelism: the batch is cut into contiguous blocks of samples, one block per
-OpenMP thread, and each block runs through every layer on its own (a sample's
-forward and backward passes never need another sample), so there is no
-synchronisation per layer.  The callers hold BLAS to one thread meanwhile.
+Parallelism: the batch is cut into contiguous blocks of samples, and each
+block runs through every layer on its own (a sample's forward and backward
+passes never need another sample), so there is no synchronisation per layer;
+OpenMP threads take blocks.  The callers choose the blocks from the problem
+and the machine, never from the thread count, so results are bitwise the same
+for any number of threads (BLAS may round a row differently for blocks of
+different heights).  The callers hold BLAS to one thread meanwhile.
 Reductions across samples (weight-gradient norms) run afterwards, in parallel
-over layers.  Results do not depend on the number of threads beyond BLAS's
-rounding for different block heights.
+over layers, one layer per thread.
 
 Row-major (B, n) blocks are handed to Fortran BLAS as their column-major
 transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
@@ -42,6 +44,7 @@ cdef extern from "vg_activations.h" nogil:
 
 cdef extern from "vg_openmp.h" nogil:
     int vg_max_threads()
+    int vg_num_procs()
     int vg_has_openmp()
 
 cdef extern from "vg_stack.h" nogil:
@@ -55,6 +58,11 @@ cdef extern from "vg_stack.h" nogil:
 def max_threads():
     """Threads an OpenMP region would use now (1 when built without OpenMP)."""
     return vg_max_threads()
+
+
+def num_procs():
+    """Processors OpenMP sees (1 when built without OpenMP)."""
+    return vg_num_procs()
 
 
 def has_openmp():
@@ -327,10 +335,9 @@ cdef inline void _count_derivatives(Py_ssize_t rows, Py_ssize_t n, const floatin
 
 def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
             const floating[:, ::1] x, int activation, bint has_residual, double residual, int norm,
-            floating[:, ::1] out, int n_threads):
-    """x_L of a stack for inputs x (B, n) into out (B, n)."""
+            floating[:, ::1] out, Py_ssize_t n_blocks, int n_threads):
+    """x_L of a stack for inputs x (B, n) into out (B, n), in n_blocks blocks of samples."""
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
-    cdef Py_ssize_t n_blocks = max(1, min(<Py_ssize_t> n_threads, batch))
     cdef Py_ssize_t block, start, stop, rows, layer, max_rows = (batch + n_blocks - 1) // n_blocks
     cdef floating *buffer = NULL
     cdef floating *ping
@@ -338,7 +345,7 @@ def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
     cdef const floating *source
     cdef floating *target
     cdef floating res = <floating> residual
-    with nogil, parallel(num_threads=n_blocks):
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
         # ping | pong | phi'(h) | LN(x) | mean, inv_pre, inv_post
         buffer = <floating *> malloc((4 * max_rows * n + 3 * max_rows) * sizeof(floating))
         for block in prange(n_blocks, schedule='static'):
@@ -432,6 +439,18 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
                            log_weight_grad_norm, n_threads)
 
 
+cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
+    cdef Py_ssize_t r, i
+    cdef double total, largest = 0
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            total = total + <double> a[r * n + i] * a[r * n + i]
+        if total > largest:
+            largest = total
+    return sqrt(largest)
+
+
 cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :, ::1] xs,
                                  floating[:, ::1] mean_pre, floating[:, ::1] inv_pre,
                                  double[:, ::1] log_scale_h, int norm,
@@ -453,7 +472,7 @@ cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :
     cdef floating *u = NULL
     cdef floating *gram_g = NULL
     cdef floating *gram_u = NULL
-    cdef double top, total, weight
+    cdef double top, total, weight, u_scale
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, depth))):
         g = <floating *> malloc((2 * batch * n + 2 * square) * sizeof(floating))
         u = g + batch * n
@@ -473,6 +492,14 @@ cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :
                                     &inv_pre[layer, 0], u)
             else:
                 memcpy(u, &xs[layer, 0, 0], batch * n * sizeof(floating))
+            # Scale U to unit largest row so that its squares cannot underflow
+            # (small activations in float32); the factor goes into the log.
+            u_scale = _largest_row_norm(batch, n, u)
+            if u_scale > 0:
+                for i in range(batch * n):
+                    u[i] = <floating> (u[i] / u_scale)
+            else:
+                u_scale = 1
             total = 0
             if use_gram:
                 _gram_upper(batch, n, g, gram_g)
@@ -488,7 +515,7 @@ cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :
                 for i in range(n * n):
                     total = total + <double> gram_g[i] * gram_g[i]
             if total > 0:
-                log_weight_grad_norm[layer] = top + 0.5 * log(total)
+                log_weight_grad_norm[layer] = top + log(u_scale) + 0.5 * log(total)
             else:
                 log_weight_grad_norm[layer] = -INFINITY
         free(g)

@@ -1,0 +1,139 @@
+"""The compiled CPU kernels against the NumPy reference, over generated stacks.
+
+Every option of DESIGN.md's layer is drawn (depth 1..60, width 1..48, batch
+1..8, every activation, both dtypes, residual on/off, norm none/pre/post).
+float64 agrees to 1e-10 relative, float32 to 1e-4 where the problem allows
+(see conftest.assert_matches_reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_matches_reference, references, stack_cases
+from hypothesis import given
+from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
+
+import vgcore as vg
+from vgcore import _kernels
+from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
+
+
+@given(stack_cases())
+def test_forward_matches_reference(case):
+    stack, x = case
+    low, high = references(vg.forward, stack, x)
+    result = vg.forward(stack, x, backend="cpu")
+    assert result.dtype == stack.dtype
+    assert_matches_reference(result, high, low, dtype=stack.dtype, relative_to="max")
+
+
+@given(stack_cases())
+def test_gradient_profile_matches_reference(case):
+    stack, x = case
+    g = vg._api.default_grad_output(stack, x.shape[0])
+    profile = vg.gradient_profile(stack, x, g, backend="cpu")
+    low, high = references(vg.gradient_profile, stack, x, g)
+    for field in ("log_grad_norm", "log_weight_grad_norm"):
+        assert_matches_reference(getattr(profile, field), getattr(high, field), getattr(low, field),
+                                 dtype=stack.dtype)
+    cells = x.shape[0] * stack.width
+    if stack.dtype == np.float64:
+        np.testing.assert_array_equal(profile.saturation, high.saturation)
+        np.testing.assert_array_equal(profile.dead, high.dead)
+    else:
+        # a unit whose phi'(h) sits at the threshold may round either way in float32
+        assert np.abs(profile.saturation - low.saturation).max() <= 2.0 / cells + 0.02
+        if stack.activation in ("relu", "linear", "leaky_relu"):  # exact zeros, no underflow
+            # one unit per layer may flip where a pre-activation rounds across 0
+            assert np.abs(profile.dead - low.dead).max() <= 1.0 / stack.width + 1e-12
+    # a dead unit is saturated on every sample
+    assert np.all(profile.dead * stack.width * x.shape[0] <= profile.saturation * cells + 1e-9)
+    assert profile.log_grad_norm.shape == (x.shape[0], stack.depth + 1)
+
+
+@given(stack_cases(max_depth=30), st.integers(1, 5), st.booleans())
+def test_jvp_and_vjp_match_reference(case, k, shared):
+    stack, x = case
+    rng = np.random.default_rng(k)
+    shape = (k, stack.width) if shared else (x.shape[0], k, stack.width)
+    vectors = rng.standard_normal(shape).astype(stack.dtype)
+    for function in (vg.jvp, vg.vjp):
+        result = function(stack, x, vectors, backend="cpu")
+        assert result.shape == (x.shape[0], k, stack.width)
+        low, high = references(function, stack, x, vectors)
+        assert_matches_reference(result, high, low, dtype=stack.dtype, relative_to="max")
+
+
+@given(stack_cases(max_depth=20, max_width=24, max_batch=3))
+def test_jacobian_matches_reference(case):
+    stack, x = case
+    low, high = references(vg.jacobian, stack, x)
+    result = vg.jacobian(stack, x, backend="cpu")
+    assert result.shape == (x.shape[0], stack.width, stack.width)
+    assert_matches_reference(result, high, low, dtype=stack.dtype, relative_to="max")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_header_matches_numpy_twin(name, dtype):
+    """csrc/vg_activations.h against vgcore._activations, over the whole range incl. extremes."""
+    h = np.concatenate([
+        np.linspace(-40, 40, 20001), [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 88.0, -88.0, 700.0, -700.0],
+        np.finfo(dtype).max * np.array([1.0, -1.0]),
+    ]).astype(dtype)
+    value, derivative = np.empty_like(h), np.empty_like(h)
+    _kernels.activation_values(ACTIVATION_CODES[name], h, value, derivative)
+    assert np.isfinite(value[np.isfinite(h) & (np.abs(h) < 1e4)]).all()
+    assert not np.isnan(value).any() and not np.isnan(derivative).any()
+    expected_value, expected_derivative = activation(name, h.astype(np.float64))
+    ulps = 8 * np.finfo(dtype).eps
+    tiny = np.finfo(dtype).tiny
+    for got, want in ((value, expected_value), (derivative, expected_derivative)):
+        # compare where the true value is representable in dtype (selu(fmax) overflows float32)
+        finite = (np.abs(want) < np.finfo(dtype).max) & (np.abs(want) > tiny * 1e3)
+        relative = np.abs(got[finite] - want[finite]) / np.abs(want[finite])
+        # gelu and silu subtract nearly equal terms near their minima; 1e3 ulps there
+        limit = ulps * (1e3 if name in ("gelu", "silu", "elu", "selu", "softplus") else 1)
+        small = np.abs(want[finite]) < 1e-3
+        assert np.all((relative <= limit) | small & (np.abs(got[finite] - want[finite]) <= ulps))
+
+
+@given(stack_cases(max_depth=40, max_width=40, max_batch=8, dtypes=[np.float64]))
+def test_results_do_not_depend_on_thread_count(case):
+    stack, x = case
+    g = vg._api.default_grad_output(stack, x.shape[0])
+    tangents = np.random.default_rng(0).standard_normal((2, stack.width))
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            profile = vg.gradient_profile(stack, x, g, backend="cpu")
+            results.append([vg.forward(stack, x), profile.log_grad_norm, profile.log_weight_grad_norm,
+                            profile.saturation, profile.dead, vg.jvp(stack, x, tangents),
+                            vg.vjp(stack, x, tangents), vg.jacobian(stack, x[:1])])
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)  # bitwise: the partition ignores the thread count
+
+
+def test_thread_count_is_honoured():
+    with threadpool_limits(limits=1, user_api="openmp"):
+        assert vg._cpu.n_threads() == 1
+    if _kernels.has_openmp():
+        with threadpool_limits(limits=2, user_api="openmp"):
+            assert vg._cpu.n_threads() == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("batch", [1, 2, 3, 7])
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_work_items_cover_every_vector_once(threads, batch, k):
+    """JVP / VJP work partition: every (sample, vector) row is handled exactly once."""
+    stack = vg.Stack.random(3, 5, activation="linear", seed=1)
+    x = vg.random_inputs(stack, batch, seed=2)
+    vectors = np.random.default_rng(3).standard_normal((batch, k, 5))
+    expected = vg.jvp(stack, x, vectors, backend="numpy")
+    out = vectors.copy()
+    items = _kernels.work_items(batch, k, threads)
+    _kernels.jvp(stack.weights, stack.biases, x, 0, False, 0.0, 0, out, items, threads)
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
