@@ -70,7 +70,7 @@ class Profile:
         # np.exp dispatches to CuPy through __array_ufunc__ for device arrays
         return np.exp(self.mean_log_grad_norm)
 
-    def to_numpy(self) -> "Profile":
+    def to_numpy(self) -> Profile:
         """A copy with every array moved to host NumPy memory."""
         def host(a: Any) -> np.ndarray:
             get = getattr(a, "get", None)
