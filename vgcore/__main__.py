@@ -1,0 +1,5 @@
+"""``python -m vgcore``: the ``vgcore`` command (vgcore.cli)."""
+
+from vgcore.cli import main
+
+raise SystemExit(main())
