@@ -266,10 +266,26 @@ def make_problem(job: Job) -> Problem:
     return Problem(job, stacks, xs, grad_outputs)
 
 
-def _profile_result(profile) -> np.ndarray:
-    """What the backends' results are compared on: log_grad_norm and log_weight_grad_norm."""
-    return np.concatenate([np.asarray(profile.log_grad_norm).ravel(),
-                           np.asarray(profile.log_weight_grad_norm).ravel()])
+def comparable(result: Any) -> np.ndarray | None:
+    """A backend's result flattened for comparison with the reference's (outside the timed call).
+
+    Profiles and the chunk runner's dicts give their log_grad_norm and
+    log_weight_grad_norm; arrays (NumPy, CuPy, PyTorch) their values;
+    sequences the concatenation of their items; anything else None.
+    """
+    if isinstance(result, dict) or hasattr(result, "log_weight_grad_norm"):
+        get = result.get if isinstance(result, dict) else lambda name: getattr(result, name)
+        return comparable([get("log_grad_norm"), get("log_weight_grad_norm")])
+    if isinstance(result, (list, tuple)):
+        parts = [comparable(item) for item in result]
+        return None if any(part is None for part in parts) else np.concatenate(parts or [np.empty(0)])
+    if hasattr(result, "detach"):  # a torch tensor
+        return result.detach().cpu().numpy().ravel()
+    if hasattr(result, "get") and hasattr(result, "__cuda_array_interface__"):  # a CuPy array
+        return np.asarray(result.get()).ravel()
+    if isinstance(result, np.ndarray):
+        return result.ravel()
+    return None
 
 
 def vgcore_runner(problem: Problem, backend: str) -> Callable[[], Any]:
@@ -284,22 +300,15 @@ def vgcore_runner(problem: Problem, backend: str) -> Callable[[], Any]:
     job = problem.job
     if job.kind == "jacobian":
         stack, x = problem.stacks[0], problem.xs[0]
-        return lambda: np.asarray(vg.jacobian(stack, x, backend=backend)).ravel()
+        return lambda: vg.jacobian(stack, x, backend=backend)
     if job.kind == "sweep" and backend == "cpu":
         from vgcore import _cpu
 
-        def chunk():
-            results = _cpu.gradient_profiles(problem.stacks, problem.xs, problem.grad_outputs)
-            return np.concatenate([np.concatenate([r["log_grad_norm"].ravel(), r["log_weight_grad_norm"]])
-                                   for r in results])
-
-        return chunk
+        return lambda: _cpu.gradient_profiles(problem.stacks, problem.xs, problem.grad_outputs)
 
     def profiles():
-        return np.concatenate([
-            _profile_result(vg.gradient_profile(stack, x, g, backend=backend))
-            for stack, x, g in zip(problem.stacks, problem.xs, problem.grad_outputs, strict=True)
-        ])
+        return [vg.gradient_profile(stack, x, g, backend=backend)
+                for stack, x, g in zip(problem.stacks, problem.xs, problem.grad_outputs, strict=True)]
 
     return profiles
 
@@ -318,14 +327,12 @@ def cuda_runner(problem: Problem) -> Callable[[], Any]:
 
     def run():
         if job.kind == "jacobian":
-            result = [vg.jacobian(stacks[0], xs[0], backend="cuda").ravel()]
+            result = vg.jacobian(stacks[0], xs[0], backend="cuda")
         else:
-            result = []
-            for stack, x, g in zip(stacks, xs, grad_outputs, strict=True):
-                profile = vg.gradient_profile(stack, x, g, backend="cuda")
-                result += [profile.log_grad_norm.ravel(), profile.log_weight_grad_norm.ravel()]
+            result = [vg.gradient_profile(stack, x, g, backend="cuda")
+                      for stack, x, g in zip(stacks, xs, grad_outputs, strict=True)]
         cupy.cuda.Device().synchronize()
-        return np.concatenate([cupy.asnumpy(r) for r in result])
+        return result
 
     return run
 
@@ -334,12 +341,17 @@ def sweep_runner(problem: Problem) -> Callable[[], Any] | None:
     """``vgcore.sweep`` on the sweep job's grid (its own seeds), or None where it does not exist yet."""
     import vgcore as vg
 
-    if not hasattr(vg, "sweep"):
-        return None
+    sweep = getattr(vg, "sweep", None)
+    if not callable(sweep):
+        if importlib.util.find_spec("vgcore.sweep") is None:
+            return None
+        sweep = getattr(importlib.import_module("vgcore.sweep"), "sweep", None)
+        if not callable(sweep):
+            return None
     job = problem.job
     grid = {"depth": job.depth, "width": job.width, "activation": ACTIVATION, "sigma_b": SIGMA_B,
             "dtype": DTYPE, "sigma_w": [float(s) for s in np.linspace(*SWEEP_SIGMA_W, job.configs)]}
-    return lambda: vg.sweep(grid, batch=job.batch, seeds=1, backend="cpu", store=None, progress=False)
+    return lambda: sweep(grid, batch=job.batch, seeds=1, backend="cpu", store=None, progress=False)
 
 
 _TORCH_ACTIVATIONS = ("tanh", "relu", "sigmoid", "linear", "gelu", "silu", "elu", "selu", "erf")
@@ -419,16 +431,10 @@ def torch_runner(problem: Problem, threads: int) -> Callable[[], Any]:
             return v
 
         jacobian_of = torch.func.jacrev(forward)
-        return lambda: torch.stack([jacobian_of(x) for x in xs[0]]).numpy().ravel()
+        return lambda: torch.stack([jacobian_of(x) for x in xs[0]])
 
-    def run():
-        parts = []
-        for layers, x, g in zip(models, xs, grad_outputs, strict=True):
-            log_grad_norm, log_weight_grad_norm = torch_gradient_profile(layers, x, g)
-            parts += [log_grad_norm.detach().numpy().ravel(), log_weight_grad_norm.detach().numpy()]
-        return np.concatenate(parts)
-
-    return run
+    return lambda: [torch_gradient_profile(layers, x, g)
+                    for layers, x, g in zip(models, xs, grad_outputs, strict=True)]
 
 
 class GemmBaseline:
@@ -693,11 +699,11 @@ def run_job(job: Job, options: Options, notes: list[str]) -> tuple[list[dict], l
         max_repeats=options.max_repeats, repeats=options.repeats, memory_of=memory_of, log=options.log)
 
     medians = {label: statistics.median(values) for label, values in times.items() if values}
-    reference = results.get("numpy")
+    reference = comparable(results.get("numpy"))
     rows = []
     for label in sorted(runners, key=ROW_ORDER.index):
         median = medians.get(label)
-        comparable = label not in ("gemm", "vg.sweep")
+        compare = label not in ("gemm", "vg.sweep")
         rows.append({
             "job": job.name,
             "backend": label,
@@ -708,7 +714,7 @@ def run_job(job: Job, options: Options, notes: list[str]) -> tuple[list[dict], l
             "vs_numpy": _ratio(medians.get("numpy"), median),
             "vs_torch": _ratio(medians.get("torch"), median),
             "gemm_fraction": _ratio(medians.get("gemm"), median),
-            "max_abs_diff": _max_abs_diff(results[label], reference) if comparable else None,
+            "max_abs_diff": _max_abs_diff(comparable(results[label]), reference) if compare else None,
             "detail": details.get(label, ""),
         })
     stored = job.activations_bytes()
