@@ -174,6 +174,11 @@ class Store:
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"store: {path!r} exists and is not a directory")
         os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, MANIFEST)):
+            strangers = [name for name in os.listdir(path) if name != LOCK and not _is_temporary(name)]
+            if strangers:  # checked before locking, so that nothing is added to someone else's directory
+                raise StoreError(f"store: {path!r} is not empty and holds no {MANIFEST} (found "
+                                 f"{sorted(strangers)[:3]}); refusing to write a sweep into it")
         lock = _Lock(path)
         try:
             cls._remove_temporaries(path)
@@ -195,10 +200,6 @@ class Store:
                         os.remove(os.path.join(path, name))
                     _fsync_directory(path)
             else:
-                strangers = [name for name in os.listdir(path) if name != LOCK]
-                if strangers:
-                    raise StoreError(f"store: {path!r} is not empty and holds no {MANIFEST} (found "
-                                     f"{sorted(strangers)[:3]}); refusing to write a sweep into it")
                 manifest = None
             if manifest is None:
                 manifest = {
