@@ -122,16 +122,53 @@ def jacobian(stack, x, out):
 def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
     """Gradient profiles of many stacks at once (the sweep's chunk runner).
 
+    Stacks of one shape (depth, width, batch, dtype) run in one compiled call,
+    in parallel over stacks with no Python work per stack; activations,
+    residuals and norms may differ within a call.
+
     Parameters
     ----------
     stacks : sequence of Stack
         Validated host stacks.
     xs, grad_outputs : sequence of ndarray, each (B_i, n_i)
-        C-contiguous inputs and cotangents in each stack's dtype.
+        Inputs and cotangents in each stack's dtype.
 
     Returns
     -------
     list of dict
         One :func:`gradient_profile` result per stack, in order.
     """
-    return [gradient_profile(stack, x, g) for stack, x, g in zip(stacks, xs, grad_outputs, strict=True)]
+    if not (len(stacks) == len(xs) == len(grad_outputs)):
+        raise ValueError("stacks, xs and grad_outputs must have the same length")
+    groups: dict[tuple, list[int]] = {}
+    for index, (stack, x) in enumerate(zip(stacks, xs, strict=True)):
+        groups.setdefault((stack.depth, stack.width, x.shape[0], stack.dtype), []).append(index)
+    results: list[dict | None] = [None] * len(stacks)
+    for (depth, width, batch, dtype), members in groups.items():
+        chunk = [stacks[i] for i in members]
+        x = np.ascontiguousarray(np.stack([xs[i] for i in members]), dtype=dtype)
+        g = np.ascontiguousarray(np.stack([grad_outputs[i] for i in members]), dtype=dtype)
+        options = [_layer_options(stack) for stack in chunk]
+        log_grad_norm = np.empty((len(chunk), batch, depth + 1))
+        log_weight_grad_norm = np.empty((len(chunk), depth))
+        saturated = np.zeros((len(chunk), depth), np.int64)
+        alive = np.zeros((len(chunk), depth, width), np.uint8)
+        with _blas_held_to_one_thread():
+            _kernels.gradient_profiles(
+                np.array([stack.weights.ctypes.data for stack in chunk], np.intp),
+                np.array([stack.biases.ctypes.data for stack in chunk], np.intp),
+                x, g,
+                np.array([o[0] for o in options], np.intc),
+                np.array([o[1] for o in options], np.uint8),
+                np.array([o[2] for o in options], np.float64),
+                np.array([o[3] for o in options], np.intc),
+                depth, log_grad_norm, log_weight_grad_norm, saturated, alive, n_threads(),
+            )
+        for position, index in enumerate(members):
+            results[index] = {
+                "log_grad_norm": log_grad_norm[position],
+                "log_weight_grad_norm": log_weight_grad_norm[position],
+                "saturation": saturated[position] / (batch * width),
+                "dead": (alive[position] == 0).mean(axis=1),
+            }
+    return results

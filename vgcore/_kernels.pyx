@@ -370,6 +370,121 @@ def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
 # Gradient profile
 # ---------------------------------------------------------------------------
 
+cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ssize_t start,
+                         Py_ssize_t rows, int activation, bint has_residual, floating res, int norm,
+                         const floating *weights, const floating *biases, const floating *x,
+                         const floating *grad_output, floating *xs, floating *derivatives,
+                         floating *mean_pre, floating *inv_pre, floating *inv_post, double *log_scale_h,
+                         double *log_grad_norm, long long *saturated, unsigned char *alive,
+                         floating *scratch, double *log_scale) noexcept nogil:
+    """Forward and renormalised backward of samples [start, start + rows) through every layer.
+
+    Layouts: weights (L, n, n), biases (L, n), x and grad_output (B, n), xs
+    (L+1, B, n), derivatives (L, B, n) (phi'(h), then the unit-scaled
+    cotangents at h), mean_pre / inv_pre / inv_post / log_scale_h (L, B),
+    log_grad_norm (B, L+1); saturated (L,) and alive (L, n) accumulate this
+    block's counts.  scratch holds 3 rows * n values, log_scale rows.
+    """
+    cdef Py_ssize_t layer, plane = batch * n
+    cdef floating *g = scratch
+    cdef floating *work = scratch + rows * n
+    cdef floating *u_work = scratch + 2 * rows * n
+    memcpy(xs + start * n, x + start * n, rows * n * sizeof(floating))
+    for layer in range(depth):
+        _forward_layer(rows, n, activation, has_residual, res, norm, weights + layer * n * n,
+                       biases + layer * n, xs + layer * plane + start * n,
+                       xs + (layer + 1) * plane + start * n, derivatives + layer * plane + start * n,
+                       u_work, mean_pre + layer * batch + start, inv_pre + layer * batch + start,
+                       inv_post + layer * batch + start)
+        _count_derivatives(rows, n, derivatives + layer * plane + start * n, saturated + layer,
+                           alive + layer * n)
+    memcpy(g, grad_output + start * n, rows * n * sizeof(floating))
+    memset(log_scale, 0, rows * sizeof(double))
+    _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + depth, depth + 1)
+    for layer in range(depth - 1, -1, -1):
+        memcpy(log_scale_h + layer * batch + start, log_scale, rows * sizeof(double))
+        # the cotangent at h overwrites phi'(h), which is read first, element by element
+        _vjp_layer(rows, n, 1, has_residual, res, norm, weights + layer * n * n,
+                   xs + layer * plane + start * n, xs + (layer + 1) * plane + start * n,
+                   derivatives + layer * plane + start * n, mean_pre + layer * batch + start,
+                   inv_pre + layer * batch + start, inv_post + layer * batch + start, g,
+                   derivatives + layer * plane + start * n, work, u_work)
+        _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + layer, depth + 1)
+
+
+cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
+    cdef Py_ssize_t r, i
+    cdef double total, largest = 0
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            total = total + <double> a[r * n + i] * a[r * n + i]
+        if total > largest:
+            largest = total
+    return sqrt(largest)
+
+
+cdef inline Py_ssize_t _weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t n) noexcept nogil:
+    """Values of scratch _weight_gradient_norm needs."""
+    return 2 * batch * n + 2 * (batch * batch if batch < n else n * n)
+
+
+cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
+                                  const floating *cotangents_h, const floating *x_in,
+                                  const floating *mean_pre, const floating *inv_pre,
+                                  const double *log_scale_h, floating *scratch) noexcept nogil:
+    """log ||sum_b exp(s_b) g_b u_b^T||_F of one layer.
+
+    g_b (B, n) are the unit-scaled cotangents at h with log scales s_b, u_b
+    the layer's linear inputs (recomputed from its input x_in for pre-norm).
+    Samples are weighted by exp(s_b - max s), so the sum is exact whatever
+    the spread of scales, and U is scaled to unit largest row so that its
+    squares cannot underflow.  With fewer samples than features the squared
+    norm comes from the two Gram matrices, ||G^T U||_F^2 = sum_ij (G G^T)_ij
+    (U U^T)_ij, without forming the (n, n) gradient.
+    """
+    cdef bint use_gram = batch < n
+    cdef Py_ssize_t b, i, j, square = batch * batch if use_gram else n * n
+    cdef floating *g = scratch
+    cdef floating *u = scratch + batch * n
+    cdef floating *gram_g = u + batch * n
+    cdef floating *gram_u = gram_g + square
+    cdef double top = log_scale_h[0], total = 0, weight, u_scale
+    for b in range(batch):
+        if log_scale_h[b] > top:
+            top = log_scale_h[b]
+    for b in range(batch):
+        weight = exp(log_scale_h[b] - top)
+        for i in range(n):
+            g[b * n + i] = <floating> (weight * cotangents_h[b * n + i])
+    if norm == NORM_PRE:
+        _recompute_pre_norm(batch, n, x_in, mean_pre, inv_pre, u)
+    else:
+        memcpy(u, x_in, batch * n * sizeof(floating))
+    u_scale = _largest_row_norm(batch, n, u)
+    if u_scale > 0:
+        for i in range(batch * n):
+            u[i] = <floating> (u[i] / u_scale)
+    else:
+        u_scale = 1
+    if use_gram:
+        _gram_upper(batch, n, g, gram_g)
+        _gram_upper(batch, n, u, gram_u)
+        for j in range(batch):
+            for i in range(j):
+                total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
+            total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
+    else:
+        # gradient^T (in, out) = U^T G, column-major
+        _gemm(c'N', c'T', <int> n, <int> n, <int> batch, <floating> 1, u, <int> n, g, <int> n,
+              <floating> 0, gram_g, <int> n)
+        for i in range(n * n):
+            total = total + <double> gram_g[i] * gram_g[i]
+    if total > 0:
+        return top + log(u_scale) + 0.5 * log(total)
+    return -INFINITY
+
+
 def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
                      const floating[:, ::1] x, const floating[:, ::1] grad_output, int activation,
                      bint has_residual, double residual, int norm,
@@ -386,139 +501,89 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
     the log scale of those cotangents.  Outputs: log_grad_norm (B, L+1),
     log_weight_grad_norm (L,), and per block of samples the saturated counts
     saturated (blocks, L) and the alive flags alive (blocks, L, n) (zeroed by
-    the caller), which the caller reduces into fractions.
+    the caller), which the caller reduces into fractions.  The batch is cut
+    into saturated.shape[0] blocks, which threads share out; then the
+    weight-gradient norms run in parallel over layers.
     """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t n_blocks = saturated.shape[0]
-    cdef Py_ssize_t block, start, stop, rows, layer, r, i
+    cdef Py_ssize_t block, start, layer
     cdef Py_ssize_t max_rows = (batch + n_blocks - 1) // n_blocks
     cdef floating *buffer = NULL
-    cdef floating *g
-    cdef floating *work
-    cdef floating *u_work
     cdef double *log_scale = NULL
     cdef floating res = <floating> residual
-    if n_threads < 1:
-        n_threads = 1
-
-    # Forward and backward, each block of samples on its own through every layer.
-    with nogil, parallel(num_threads=min(<Py_ssize_t> n_threads, n_blocks)):
+    cdef Py_ssize_t plane = batch * n
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
         buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
         log_scale = <double *> malloc(max_rows * sizeof(double))
         for block in prange(n_blocks, schedule='static'):
             start = _block_start(block, n_blocks, batch)
-            stop = _block_start(block + 1, n_blocks, batch)
-            rows = stop - start
-            g = buffer
-            work = buffer + max_rows * n
-            u_work = buffer + 2 * max_rows * n
-            memcpy(&xs[0, start, 0], &x[start, 0], rows * n * sizeof(floating))
-            for layer in range(depth):
-                _forward_layer(rows, n, activation, has_residual, res, norm, &weights[layer, 0, 0],
-                               &biases[layer, 0], &xs[layer, start, 0], &xs[layer + 1, start, 0],
-                               &derivatives[layer, start, 0], u_work, &mean_pre[layer, start],
-                               &inv_pre[layer, start], &inv_post[layer, start])
-                _count_derivatives(rows, n, &derivatives[layer, start, 0], &saturated[block, layer],
-                                   &alive[block, layer, 0])
-            memcpy(g, &grad_output[start, 0], rows * n * sizeof(floating))
-            memset(log_scale, 0, rows * sizeof(double))
-            _renormalise_rows(rows, n, g, log_scale, &log_grad_norm[start, depth], depth + 1)
-            for layer in range(depth - 1, -1, -1):
-                memcpy(&log_scale_h[layer, start], log_scale, rows * sizeof(double))
-                # the cotangent at h overwrites phi'(h), which is read first, element by element
-                _vjp_layer(rows, n, 1, has_residual, res, norm, &weights[layer, 0, 0],
-                           &xs[layer, start, 0], &xs[layer + 1, start, 0],
-                           &derivatives[layer, start, 0], &mean_pre[layer, start],
-                           &inv_pre[layer, start], &inv_post[layer, start], g,
-                           &derivatives[layer, start, 0], work, u_work)
-                _renormalise_rows(rows, n, g, log_scale, &log_grad_norm[start, layer], depth + 1)
+            _profile_block(depth, n, batch, start, _block_start(block + 1, n_blocks, batch) - start,
+                           activation, has_residual, res, norm, &weights[0, 0, 0], &biases[0, 0],
+                           &x[0, 0], &grad_output[0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
+                           &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
+                           &log_grad_norm[0, 0], &saturated[block, 0], &alive[block, 0, 0],
+                           buffer, log_scale)
         free(buffer)
         free(log_scale)
-
-    _weight_gradient_norms(derivatives, xs, mean_pre, inv_pre, log_scale_h, norm,
-                           log_weight_grad_norm, n_threads)
-
-
-cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
-    cdef Py_ssize_t r, i
-    cdef double total, largest = 0
-    for r in range(rows):
-        total = 0
-        for i in range(n):
-            total = total + <double> a[r * n + i] * a[r * n + i]
-        if total > largest:
-            largest = total
-    return sqrt(largest)
-
-
-cdef void _weight_gradient_norms(floating[:, :, ::1] cotangents_h, floating[:, :, ::1] xs,
-                                 floating[:, ::1] mean_pre, floating[:, ::1] inv_pre,
-                                 double[:, ::1] log_scale_h, int norm,
-                                 double[::1] log_weight_grad_norm, int n_threads) noexcept:
-    """log ||sum_b exp(s_b) g_b u_b^T||_F per layer, in parallel over layers.
-
-    g_b are the unit-scaled cotangents at h with log scales s_b, u_b the
-    layer's linear inputs.  Samples are weighted by exp(s_b - max s), so the
-    sum is exact whatever the spread of scales.  With fewer samples than
-    features the squared norm comes from the two Gram matrices,
-    ||G^T U||_F^2 = sum_ij (G G^T)_ij (U U^T)_ij, without forming the
-    (n, n) gradient.
-    """
-    cdef Py_ssize_t depth = cotangents_h.shape[0], batch = cotangents_h.shape[1]
-    cdef Py_ssize_t n = cotangents_h.shape[2]
-    cdef bint use_gram = batch < n
-    cdef Py_ssize_t layer, b, i, j, square = batch * batch if use_gram else n * n
-    cdef floating *g = NULL
-    cdef floating *u = NULL
-    cdef floating *gram_g = NULL
-    cdef floating *gram_u = NULL
-    cdef double top, total, weight, u_scale
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, depth))):
-        g = <floating *> malloc((2 * batch * n + 2 * square) * sizeof(floating))
-        u = g + batch * n
-        gram_g = u + batch * n
-        gram_u = gram_g + square
+        buffer = <floating *> malloc(_weight_gradient_scratch(batch, n) * sizeof(floating))
         for layer in prange(depth, schedule='dynamic'):
-            top = log_scale_h[layer, 0]
-            for b in range(batch):
-                if log_scale_h[layer, b] > top:
-                    top = log_scale_h[layer, b]
-            for b in range(batch):
-                weight = exp(log_scale_h[layer, b] - top)
-                for i in range(n):
-                    g[b * n + i] = <floating> (weight * cotangents_h[layer, b, i])
-            if norm == NORM_PRE:
-                _recompute_pre_norm(batch, n, &xs[layer, 0, 0], &mean_pre[layer, 0],
-                                    &inv_pre[layer, 0], u)
-            else:
-                memcpy(u, &xs[layer, 0, 0], batch * n * sizeof(floating))
-            # Scale U to unit largest row so that its squares cannot underflow
-            # (small activations in float32); the factor goes into the log.
-            u_scale = _largest_row_norm(batch, n, u)
-            if u_scale > 0:
-                for i in range(batch * n):
-                    u[i] = <floating> (u[i] / u_scale)
-            else:
-                u_scale = 1
-            total = 0
-            if use_gram:
-                _gram_upper(batch, n, g, gram_g)
-                _gram_upper(batch, n, u, gram_u)
-                for j in range(batch):
-                    for i in range(j):
-                        total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
-                    total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
-            else:
-                # gradient^T (in, out) = U^T G, column-major
-                _gemm(c'N', c'T', <int> n, <int> n, <int> batch, <floating> 1, u, <int> n, g, <int> n,
-                      <floating> 0, gram_g, <int> n)
-                for i in range(n * n):
-                    total = total + <double> gram_g[i] * gram_g[i]
-            if total > 0:
-                log_weight_grad_norm[layer] = top + log(u_scale) + 0.5 * log(total)
-            else:
-                log_weight_grad_norm[layer] = -INFINITY
-        free(g)
+            log_weight_grad_norm[layer] = _weight_gradient_norm(
+                batch, n, norm, &derivatives[layer, 0, 0], &xs[layer, 0, 0], &mean_pre[layer, 0],
+                &inv_pre[layer, 0], &log_scale_h[layer, 0], buffer)
+        free(buffer)
+
+
+def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[::1] bias_addresses,
+                      const floating[:, :, ::1] x, const floating[:, :, ::1] grad_output,
+                      const int[::1] activations, const unsigned char[::1] has_residual,
+                      const double[::1] residuals, const int[::1] norms, Py_ssize_t depth,
+                      double[:, :, ::1] log_grad_norm, double[:, ::1] log_weight_grad_norm,
+                      long long[:, ::1] saturated, unsigned char[:, :, ::1] alive, int n_threads):
+    """Gradient profiles of C stacks of one shape, one stack per thread at a time.
+
+    The sweep's chunk runner: no Python work per stack.  Stack c has weights
+    (L, n, n) and biases (L, n) at the given addresses (C-contiguous, the
+    dtype of x; the caller keeps them alive), inputs x[c] and cotangents
+    grad_output[c] (B, n), its own activation, residual and norm.  Outputs:
+    log_grad_norm (C, B, L+1), log_weight_grad_norm (C, L), saturated (C, L)
+    counts and alive (C, L, n) flags (zeroed by the caller).
+    """
+    cdef Py_ssize_t n_stacks = x.shape[0], batch = x.shape[1], n = x.shape[2]
+    cdef Py_ssize_t plane = batch * n, c, layer
+    cdef Py_ssize_t values = ((2 * depth + 1) * plane + 3 * depth * batch + 3 * plane
+                              + _weight_gradient_scratch(batch, n))
+    cdef floating *buffer = NULL
+    cdef double *scales = NULL
+    cdef floating *xs
+    cdef floating *derivatives
+    cdef floating *stats
+    cdef floating *scratch
+    cdef const floating *weights
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_stacks))):
+        buffer = <floating *> malloc(values * sizeof(floating))
+        scales = <double *> malloc((depth * batch + batch) * sizeof(double))
+        for c in prange(n_stacks, schedule='dynamic'):
+            # buffer: xs (L+1, B, n) | derivatives (L, B, n) | mean, inv_pre, inv_post (L, B) | scratch
+            xs = buffer
+            derivatives = xs + (depth + 1) * plane
+            stats = derivatives + depth * plane
+            scratch = stats + 3 * depth * batch
+            weights = <const floating *> <size_t> weight_addresses[c]
+            _profile_block(depth, n, batch, 0, batch, activations[c], has_residual[c],
+                           <floating> residuals[c], norms[c], weights,
+                           <const floating *> <size_t> bias_addresses[c], &x[c, 0, 0],
+                           &grad_output[c, 0, 0], xs, derivatives, stats, stats + depth * batch,
+                           stats + 2 * depth * batch, scales, &log_grad_norm[c, 0, 0],
+                           &saturated[c, 0], &alive[c, 0, 0], scratch, scales + depth * batch)
+            for layer in range(depth):
+                log_weight_grad_norm[c, layer] = _weight_gradient_norm(
+                    batch, n, norms[c], derivatives + layer * plane, xs + layer * plane,
+                    stats + layer * batch, stats + (depth + layer) * batch, scales + layer * batch,
+                    scratch)
+        free(buffer)
+        free(scales)
 
 
 # ---------------------------------------------------------------------------
