@@ -137,3 +137,17 @@ def test_work_items_cover_every_vector_once(threads, batch, k):
     items = _kernels.work_items(batch, k, threads)
     _kernels.jvp(stack.weights, stack.biases, x, 0, False, 0.0, 0, out, items, threads)
     np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+@given(st.lists(stack_cases(max_depth=12, max_width=16, max_batch=4), min_size=1, max_size=6))
+def test_batched_profiles_equal_one_by_one(cases):
+    """The sweep's chunk runner: stacks of mixed shapes, activations, residuals and norms."""
+    stacks = [stack for stack, _ in cases]
+    xs = [x for _, x in cases]
+    gs = [vg._api.default_grad_output(stack, x.shape[0]) for stack, x in cases]
+    batched = vg._cpu.gradient_profiles(stacks, xs, gs)
+    assert len(batched) == len(stacks)
+    for stack, x, g, result in zip(stacks, xs, gs, batched, strict=True):
+        single = vg._cpu.gradient_profile(stack, x, g)
+        for key in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
+            np.testing.assert_allclose(result[key], single[key], rtol=1e-12, atol=0)
