@@ -14,7 +14,7 @@ import vgcore as vg
 # Deterministic by default (CI): derandomised, no example database, no deadline.
 # VGCORE_HYPOTHESIS=thorough explores more (and randomly) for local runs.
 settings.register_profile(
-    "ci", derandomize=True, database=None, deadline=None, max_examples=60,
+    "ci", derandomize=True, database=None, deadline=None, max_examples=100,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -109,7 +109,7 @@ def assert_matches_reference(actual, reference, reference_low, *, dtype, relativ
     assert actual.shape == reference.shape
     finite = np.isfinite(reference)
     both = finite & np.isfinite(low)
-    sensitivity = np.abs(low - reference)[both].max(initial=0.0)
+    sensitivity = np.abs(low[both] - reference[both]).max(initial=0.0)
     if relative_to == "max":
         scale = max(np.abs(reference[finite]).max(initial=0.0), np.finfo(np.float64).tiny)
     else:
