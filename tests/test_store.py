@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -19,12 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vgcore.sweep as sweep_module
 from vgcore._store import IDENTITY_KEY, Store, StoreError, write_atomic
-from vgcore.sweep import load, sweep
+from vgcore.sweep import SweepResult, load, sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _sweep_child as child
+
+# the module, not the function that vgcore may export under the same name
+sweep_module = importlib.import_module("vgcore.sweep")
 
 REPO = Path(__file__).resolve().parent.parent
 GRID = {"depth": [6, 9], "width": 8, "sigma_w": [0.9, 1.4], "sigma_b": [0.0, 0.2]}
@@ -48,7 +51,7 @@ def _stored_rows(store: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
-def _full_store(path: Path, grid=GRID, chunk_size: int = 3) -> sweep_module.SweepResult:
+def _full_store(path: Path, grid=GRID, chunk_size: int = 3) -> SweepResult:
     return sweep(grid, batch=4, seeds=2, store=path, chunk_size=chunk_size, progress=False, backend=BACKEND)
 
 

@@ -175,6 +175,7 @@ def test_measured_boundary_sits_on_theorys_critical_line():
     ({"depth": 3, "width": 4, "norm": "batch"}, r"grid\['norm'\]"),
     ({"depth": 3, "width": 4, "dtype": "float16"}, r"grid\['dtype'\]"),
     ({"depth": np.ones((2, 2), int), "width": 4}, r"grid\['depth'\]: expected a value or a 1-D list"),
+    ({"depth": 3, "width": 4, "sigma_b": {0.0, 0.1}}, r"grid\['sigma_b'\]: .*a set has no order"),
     ([("depth", 3)], "grid: expected a mapping"),
 ])
 def test_bad_grid_is_refused_naming_the_key(grid, match, tmp_path):

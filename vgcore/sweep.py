@@ -136,7 +136,9 @@ def _values(key: str, value: Any) -> list:
         if value.ndim > 1:
             raise _grid_error(key, f"expected a value or a 1-D list of values, got shape {value.shape}")
         value = value.tolist()
-    elif isinstance(value, (range, tuple, set, frozenset)) or (
+    elif isinstance(value, (set, frozenset)):  # no order: the rows' order would change from run to run
+        raise _grid_error(key, "expected a value or a list of values, got a set (a set has no order)")
+    elif isinstance(value, (range, tuple)) or (
             isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict))):
         value = list(value)
     if isinstance(value, dict):
@@ -325,6 +327,9 @@ class SweepResult:
         Rows computed by this call (the others came from the store).
     seconds : float
         Wall time of this call.
+    rows : ndarray of int
+        The row number (see the module docstring) of each row of ``frame``;
+        ``arange(len(frame))`` for a complete sweep, fewer for a partial store.
     """
 
     frame: Any
