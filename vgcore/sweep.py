@@ -238,6 +238,25 @@ def _row_values(row: int, config: dict, stack, profile) -> dict:
     return values
 
 
+def _build(tasks: Sequence[tuple[int, dict, int]], batch: int, device: str) -> list[tuple]:
+    """(stack, inputs) per task, drawn on the kernels' threads.
+
+    Drawing the weights is most of a chunk's Python-side work (an (L, n, n)
+    normal draw per config) and NumPy's generators release the GIL while
+    filling arrays, so the draws run on as many threads as the kernels use;
+    each stack still comes from its own seed, so the result is the same.
+    """
+    from vgcore import _cpu
+
+    threads = min(_cpu.n_threads(), len(tasks)) if device == "cpu" else 1
+    if threads <= 1:
+        return [_stack_and_inputs(config, seed, batch, device) for _, config, seed in tasks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="vgcore-sweep") as pool:
+        return list(pool.map(lambda task: _stack_and_inputs(task[1], task[2], batch, device), tasks))
+
+
 def run_chunk(tasks: Sequence[tuple[int, dict, int]], batch: int, backend: str) -> list[dict]:
     """Rows for ``tasks`` = [(row, config, seed), ...]: build stacks, profile them, summarise.
 
@@ -248,7 +267,7 @@ def run_chunk(tasks: Sequence[tuple[int, dict, int]], batch: int, backend: str) 
     from vgcore._profile import Profile
 
     device = "cuda" if backend == "cuda" else "cpu"
-    built = [_stack_and_inputs(config, seed, batch, device) for _, config, seed in tasks]
+    built = _build(tasks, batch, device)
     if backend in ("cpu", "auto"):
         from vgcore import _cpu
 
