@@ -61,6 +61,7 @@ enum {
 
 /* ---- double twin ------------------------------------------------------ */
 #define VG_T double
+#define VG_IS_DOUBLE 1
 #define VG_SFX(name) name##_d
 #define VG_EXP exp
 #define VG_EXPM1 expm1
@@ -69,6 +70,7 @@ enum {
 #define VG_ERFC_FN erfc
 #include "vg_activation_body.h"
 #undef VG_T
+#undef VG_IS_DOUBLE
 #undef VG_SFX
 #undef VG_EXP
 #undef VG_EXPM1
@@ -78,6 +80,7 @@ enum {
 
 /* ---- float twin ------------------------------------------------------- */
 #define VG_T float
+#define VG_IS_DOUBLE 0
 #define VG_SFX(name) name##_f
 #define VG_EXP expf
 #define VG_EXPM1 expm1f
@@ -86,6 +89,7 @@ enum {
 #define VG_ERFC_FN erfcf
 #include "vg_activation_body.h"
 #undef VG_T
+#undef VG_IS_DOUBLE
 #undef VG_SFX
 #undef VG_EXP
 #undef VG_EXPM1
