@@ -237,3 +237,15 @@ def test_bench_missing_is_one_line_and_status_2(monkeypatch, capsys):
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vgcore bench: error: " in err
+
+
+def test_sweep_on_a_dask_scheduler(tmp_path, capsys):
+    distributed = pytest.importorskip("dask.distributed")
+    argv = ["sweep", "--depth", "4", "--width", "5", "--sigma-w", "0.5:1.5:3", "--batch", "2", "--seeds", "2",
+            "--backend", "numpy", "--no-progress"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert cli.main([*argv, "--scheduler", cluster.scheduler_address, "--out", str(tmp_path / "d")]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
+    assert load(tmp_path / "d").frame.equals(load(tmp_path / "local").frame)

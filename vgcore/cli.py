@@ -112,17 +112,18 @@ def _size(text: str) -> tuple[int, int]:
             f"expected WIDTHxHEIGHT in pixels, e.g. 1200x900, got {text!r}") from None
 
 
-#: flag -> (grid key, value kind)
+#: flag -> (grid key, value kind, help)
 GRID_FLAGS = {
-    "--depth": ("depth", "int"),
-    "--width": ("width", "int"),
-    "--activation": ("activation", "str"),
-    "--init": ("init", "str"),
-    "--sigma-w": ("sigma_w", "float_or_name"),
-    "--sigma-b": ("sigma_b", "float"),
-    "--residual": ("residual", "float_or_none"),
-    "--norm": ("norm", "str_or_none"),
-    "--dtype": ("dtype", "str"),
+    "--depth": ("depth", "int", "layers L, e.g. 50 or 10,20,50 or 10:100:10 (required)"),
+    "--width": ("width", "int", "units n per layer, e.g. 64 or 32,64,128 (required)"),
+    "--activation": ("activation", "str", "activation(s), e.g. tanh,relu (default tanh)"),
+    "--init": ("init", "str", "gaussian, orthogonal, uniform (default gaussian)"),
+    "--sigma-w": ("sigma_w", "float_or_name",
+                  "weight scale(s), e.g. 0.5:3:26, or xavier, lecun, he, critical (default 1)"),
+    "--sigma-b": ("sigma_b", "float", "bias scale(s), e.g. 0:0.5:11 (default 0)"),
+    "--residual": ("residual", "float_or_none", "branch scale(s) or none, e.g. none,1 (default none)"),
+    "--norm": ("norm", "str_or_none", "layer norm: none, pre, post (default none)"),
+    "--dtype": ("dtype", "str", "float64, float32 (default float64)"),
 }
 
 
@@ -137,11 +138,10 @@ def _parser() -> _Parser:
 
     sweep = commands.add_parser("sweep", help="a sweep over a grid of stacks into a Parquet store",
                                 description="Gradient profiles over the Cartesian grid of the flags' values. "
-                                            "Lists: 1,2,3; ranges: start:stop:count (inclusive).")
-    for flag, (key, _) in GRID_FLAGS.items():
-        sweep.add_argument(flag, dest=key, metavar="VALUES",
-                           help=f"{key}: value, list a,b,c or range start:stop:count"
-                                + (" (required)" if key in ("depth", "width") else ""))
+                                            "Each grid flag takes a value, a list 1,2,3 or a range "
+                                            "start:stop:count (count values, both ends included).")
+    for flag, (key, _, text) in GRID_FLAGS.items():
+        sweep.add_argument(flag, dest=key, metavar="VALUES", help=text)
     sweep.add_argument("--batch", type=int, default=32, help="samples per profile (default 32)")
     sweep.add_argument("--seeds", default="1", metavar="N|LIST",
                        help="a count n (seeds 0..n-1) or a list of seeds a,b,c (default 1)")
@@ -179,7 +179,7 @@ def _parser() -> _Parser:
 
 def _grid(arguments: argparse.Namespace) -> dict:
     grid = {}
-    for flag, (key, kind) in GRID_FLAGS.items():
+    for flag, (key, kind, _) in GRID_FLAGS.items():
         text = getattr(arguments, key)
         if text is None:
             if key in ("depth", "width"):
