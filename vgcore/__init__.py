@@ -13,14 +13,6 @@ mean-field theory's predictions for the same networks.
 """
 
 import importlib
-import os
-
-# Idle OpenMP workers sleep instead of spinning between the kernels' parallel
-# regions (two per call): on a machine whose cores are shared, spinning
-# workers starve the threads doing the work (measured: 31 ms against 8.7 ms
-# for deep_narrow with the other core busy).  A user's own setting wins; it
-# must be in place before libgomp loads with the kernels.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from vgcore._activations import ACTIVATIONS
 from vgcore._api import forward, gradient_profile, jacobian, jvp, vjp
