@@ -19,6 +19,7 @@ from vgcore._api import forward, gradient_profile, jacobian, jvp, vjp
 from vgcore._profile import Profile
 from vgcore._stack import Stack
 from vgcore._utils import random_inputs
+from vgcore.sweep import SweepResult, sweep
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "ACTIVATIONS",
     "Profile",
     "Stack",
+    "SweepResult",
     "__version__",
     "forward",
     "gradient_profile",
@@ -37,6 +39,7 @@ __all__ = [
     "jvp",
     "random_inputs",
     "stats",
+    "sweep",
     "theory",
     "vjp",
 ]
