@@ -10,6 +10,7 @@ Results come back on the device of the inputs.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -52,20 +53,26 @@ def _numpy_backend() -> SimpleNamespace:
     )
 
 
-def _backend(name: str, stack: Stack) -> ModuleType | SimpleNamespace:
-    """Resolve ``backend`` for ``stack`` (validated name) to an implementation."""
+def _resolve(name: str, stack: Stack) -> str:
+    """The concrete backend for ``backend=name`` (validated) and this stack's device."""
     on_gpu = stack.device == "cuda"
     if name == "auto":
-        name = "cuda" if on_gpu else "cpu"
+        return "cuda" if on_gpu else "cpu"
+    if on_gpu and name != "cuda":
+        raise ValueError(f"backend: {name!r} runs on host arrays but the stack lives on the GPU; "
+                         "use backend='cuda' or 'auto'")
+    return name
+
+
+def _backend(name: str, stack: Stack) -> ModuleType | SimpleNamespace:
+    """Resolve ``backend`` for ``stack`` (validated name) to an implementation."""
+    name = _resolve(name, stack)
     if name == "cuda":
         try:
             from vgcore import _cuda
         except ImportError as error:
             raise ValueError(f"backend: 'cuda' is not available here ({error})") from error
         return _cuda.backend()
-    if on_gpu:
-        raise ValueError(f"backend: {name!r} runs on host arrays but the stack lives on the GPU; "
-                         "use backend='cuda' or 'auto'")
     if name == "numpy":
         return _numpy_backend()
     from vgcore import _cpu
@@ -151,7 +158,19 @@ def default_grad_output(stack: Stack, batch: int):
     return values
 
 
-def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: str = "auto") -> Profile:
+def _check_segment(segment: Any, depth: int) -> int | None:
+    """None, or the segment length S in 1..L ("auto": ceil(sqrt(L / 2)), which minimises L/S + 2S)."""
+    if segment is None:
+        return None
+    if isinstance(segment, str):
+        if segment != "auto":
+            raise ValueError(f"segment: expected None, 'auto' or a number of layers, got {segment!r}")
+        return max(1, math.ceil(math.sqrt(depth / 2)))
+    return min(check.check_int(segment, "segment"), depth)
+
+
+def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: str = "auto",
+                     segment: int | str | None = None) -> Profile:
     """Per-layer gradient norms, weight-gradient norms, saturation and dead units.
 
     The loss is ``sum_b <x_L[b], g[b]>`` with ``g = grad_output``.
@@ -165,6 +184,13 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
         Cotangent at the output; default standard normal drawn from the
         stack's seed (:func:`default_grad_output`).
     backend : {"auto", "cpu", "cuda", "numpy"}
+    segment : None, "auto" or int
+        Memory mode of the "cpu" backend.  None keeps every layer's
+        activations (fastest; about 2 L B n values).  An int S keeps them only
+        every S layers and recomputes each segment's forward pass during the
+        backward pass: one extra forward pass, memory about (L/S + 2S) B n
+        values, bitwise the same results.  "auto" picks S = ceil(sqrt(L/2)).
+        Other backends keep every activation and ignore it.
 
     Returns
     -------
@@ -182,13 +208,18 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
     stack = _check_stack(stack)
     backend = check.check_backend(backend)
     x = _check_batch(stack, x)
+    segment = _check_segment(segment, stack.depth)
     if grad_output is None:
         grad_output = default_grad_output(stack, x.shape[0])
     else:
         grad_output = _check_batch(stack, grad_output, "grad_output")
         if grad_output.shape[0] != x.shape[0]:
             raise ValueError(f"grad_output: expected shape {tuple(x.shape)}, got {tuple(grad_output.shape)}")
-    result = _backend(backend, stack).gradient_profile(stack, x, grad_output)
+    implementation = _backend(backend, stack)
+    if segment is not None and _resolve(backend, stack) == "cpu":
+        result = implementation.gradient_profile(stack, x, grad_output, segment)
+    else:
+        result = implementation.gradient_profile(stack, x, grad_output)
     return Profile(chi_theory=stack.chi_theory, config=stack.config(), **result)
 
 

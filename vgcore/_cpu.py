@@ -65,24 +65,40 @@ def forward(stack, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray) -> dict:
+def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray, segment: int | None = None) -> dict:
+    """The compiled gradient profile; ``segment`` S keeps activations only every S layers.
+
+    With S the forward pass is recomputed segment by segment during the
+    backward pass (one extra forward pass): memory (L/S + 2S) B n values
+    instead of 2 L B n, results bitwise the same.
+    """
     depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
     threads = n_threads()
     blocks = min(n_partitions(), batch)
-    xs = np.empty((depth + 1, batch, width), dtype)
-    derivatives = np.empty((depth, batch, width), dtype)
-    mean_pre, inv_pre, inv_post = (np.empty((depth, batch), dtype) for _ in range(3))
-    log_scale_h = np.empty((depth, batch))
+    kept = depth if segment is None else min(segment, depth)
+    xs = np.empty((kept + 1, batch, width), dtype)
+    derivatives = np.empty((kept, batch, width), dtype)
+    mean_pre, inv_pre, inv_post = (np.empty((kept, batch), dtype) for _ in range(3))
+    log_scale_h = np.empty((kept, batch))
     log_grad_norm = np.empty((batch, depth + 1))
     log_weight_grad_norm = np.empty(depth)
     saturated = np.zeros((blocks, depth), np.int64)
     alive = np.zeros((blocks, depth, width), np.uint8)
+    options = _layer_options(stack)
     with _blas_held_to_one_thread():
-        _kernels.gradient_profile(
-            stack.weights, stack.biases, x, grad_output, *_layer_options(stack), xs, derivatives,
-            mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, log_weight_grad_norm,
-            saturated, alive, threads,
-        )
+        if segment is None:
+            _kernels.gradient_profile(
+                stack.weights, stack.biases, x, grad_output, *options, xs, derivatives, mean_pre,
+                inv_pre, inv_post, log_scale_h, log_grad_norm, log_weight_grad_norm, saturated, alive,
+                threads,
+            )
+        else:
+            checkpoints = np.empty((-(-depth // kept), batch, width), dtype)
+            _kernels.gradient_profile_segmented(
+                stack.weights, stack.biases, x, grad_output, *options, kept, checkpoints, xs,
+                derivatives, mean_pre, inv_pre, inv_post, log_scale_h, np.empty((batch, width), dtype),
+                np.empty(batch), log_grad_norm, log_weight_grad_norm, saturated, alive, threads,
+            )
     return {
         "log_grad_norm": log_grad_norm,
         "log_weight_grad_norm": log_weight_grad_norm,

@@ -373,6 +373,59 @@ def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
 # Gradient profile
 # ---------------------------------------------------------------------------
 
+cdef void _forward_layers(Py_ssize_t count, Py_ssize_t n, Py_ssize_t batch, Py_ssize_t start,
+                          Py_ssize_t rows, int activation, bint has_residual, floating res, int norm,
+                          const floating *weights, const floating *biases, floating *xs,
+                          floating *derivatives, floating *mean_pre, floating *inv_pre,
+                          floating *inv_post, long long *saturated, unsigned char *alive,
+                          floating *u_work) noexcept nogil:
+    """Forward of samples [start, start + rows) through ``count`` consecutive layers, keeping all.
+
+    weights / biases point at the first layer's parameters; xs holds count+1
+    planes (B, n) whose first already holds the input rows; derivatives
+    count planes; mean_pre / inv_pre / inv_post count rows of B.  saturated
+    (count,) and alive (count, n) accumulate this block's counts unless NULL.
+    """
+    cdef Py_ssize_t layer, plane = batch * n
+    for layer in range(count):
+        _forward_layer(rows, n, activation, has_residual, res, norm, weights + layer * n * n,
+                       biases + layer * n, xs + layer * plane + start * n,
+                       xs + (layer + 1) * plane + start * n, derivatives + layer * plane + start * n,
+                       u_work, mean_pre + layer * batch + start, inv_pre + layer * batch + start,
+                       inv_post + layer * batch + start)
+        if saturated != NULL:
+            _count_derivatives(rows, n, derivatives + layer * plane + start * n, saturated + layer,
+                               alive + layer * n)
+
+
+cdef void _backward_layers(Py_ssize_t count, Py_ssize_t first, Py_ssize_t depth, Py_ssize_t n,
+                           Py_ssize_t batch, Py_ssize_t start, Py_ssize_t rows, bint has_residual,
+                           floating res, int norm, const floating *weights, const floating *xs,
+                           floating *derivatives, const floating *mean_pre, const floating *inv_pre,
+                           const floating *inv_post, double *log_scale_h, double *log_grad_norm,
+                           floating *g, double *log_scale, floating *work,
+                           floating *u_work) noexcept nogil:
+    """Renormalised backward of the rows through layers first+count .. first+1 (global numbering).
+
+    The arrays are those of _forward_layers for the same layers.  g (rows, n)
+    holds the unit-scaled cotangent at the output of the last layer, with log
+    scales log_scale (rows,); on return, at the input of the first.  Each
+    layer's log norms go to log_grad_norm (B, L+1) at global index, the
+    cotangents at h overwrite derivatives and their log scales log_scale_h.
+    """
+    cdef Py_ssize_t layer, plane = batch * n
+    for layer in range(count - 1, -1, -1):
+        memcpy(log_scale_h + layer * batch + start, log_scale, rows * sizeof(double))
+        # the cotangent at h overwrites phi'(h), which is read first, element by element
+        _vjp_layer(rows, n, 1, has_residual, res, norm, weights + layer * n * n,
+                   xs + layer * plane + start * n, xs + (layer + 1) * plane + start * n,
+                   derivatives + layer * plane + start * n, mean_pre + layer * batch + start,
+                   inv_pre + layer * batch + start, inv_post + layer * batch + start, g,
+                   derivatives + layer * plane + start * n, work, u_work)
+        _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + first + layer,
+                          depth + 1)
+
+
 cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ssize_t start,
                          Py_ssize_t rows, int activation, bint has_residual, floating res, int norm,
                          const floating *weights, const floating *biases, const floating *x,
@@ -388,31 +441,17 @@ cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ss
     log_grad_norm (B, L+1); saturated (L,) and alive (L, n) accumulate this
     block's counts.  scratch holds 3 rows * n values, log_scale rows.
     """
-    cdef Py_ssize_t layer, plane = batch * n
     cdef floating *g = scratch
-    cdef floating *work = scratch + rows * n
-    cdef floating *u_work = scratch + 2 * rows * n
     memcpy(xs + start * n, x + start * n, rows * n * sizeof(floating))
-    for layer in range(depth):
-        _forward_layer(rows, n, activation, has_residual, res, norm, weights + layer * n * n,
-                       biases + layer * n, xs + layer * plane + start * n,
-                       xs + (layer + 1) * plane + start * n, derivatives + layer * plane + start * n,
-                       u_work, mean_pre + layer * batch + start, inv_pre + layer * batch + start,
-                       inv_post + layer * batch + start)
-        _count_derivatives(rows, n, derivatives + layer * plane + start * n, saturated + layer,
-                           alive + layer * n)
+    _forward_layers(depth, n, batch, start, rows, activation, has_residual, res, norm, weights, biases,
+                    xs, derivatives, mean_pre, inv_pre, inv_post, saturated, alive,
+                    scratch + 2 * rows * n)
     memcpy(g, grad_output + start * n, rows * n * sizeof(floating))
     memset(log_scale, 0, rows * sizeof(double))
     _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + depth, depth + 1)
-    for layer in range(depth - 1, -1, -1):
-        memcpy(log_scale_h + layer * batch + start, log_scale, rows * sizeof(double))
-        # the cotangent at h overwrites phi'(h), which is read first, element by element
-        _vjp_layer(rows, n, 1, has_residual, res, norm, weights + layer * n * n,
-                   xs + layer * plane + start * n, xs + (layer + 1) * plane + start * n,
-                   derivatives + layer * plane + start * n, mean_pre + layer * batch + start,
-                   inv_pre + layer * batch + start, inv_post + layer * batch + start, g,
-                   derivatives + layer * plane + start * n, work, u_work)
-        _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + layer, depth + 1)
+    _backward_layers(depth, 0, depth, n, batch, start, rows, has_residual, res, norm, weights, xs,
+                     derivatives, mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, g, log_scale,
+                     scratch + rows * n, scratch + 2 * rows * n)
 
 
 cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
@@ -536,6 +575,84 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
                 batch, n, norm, &derivatives[layer, 0, 0], &xs[layer, 0, 0], &mean_pre[layer, 0],
                 &inv_pre[layer, 0], &log_scale_h[layer, 0], buffer)
         free(buffer)
+
+
+def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
+                               const floating[:, ::1] x, const floating[:, ::1] grad_output,
+                               int activation, bint has_residual, double residual, int norm,
+                               Py_ssize_t segment, floating[:, :, ::1] checkpoints,
+                               floating[:, :, ::1] xs, floating[:, :, ::1] derivatives,
+                               floating[:, ::1] mean_pre, floating[:, ::1] inv_pre,
+                               floating[:, ::1] inv_post, double[:, ::1] log_scale_h,
+                               floating[:, ::1] g, double[::1] log_scale, double[:, ::1] log_grad_norm,
+                               double[::1] log_weight_grad_norm, long long[:, ::1] saturated,
+                               unsigned char[:, :, ::1] alive, int n_threads):
+    """gradient_profile keeping activations only every ``segment`` layers.
+
+    The forward pass stores x at layers 0, S, 2S, ... in checkpoints
+    (ceil(L / S), B, n); the backward pass then runs segment by segment from
+    the top, recomputing the segment's forward pass into the segment-sized
+    workspaces xs (S+1, B, n), derivatives (S, B, n), mean_pre / inv_pre /
+    inv_post / log_scale_h (S, B), and carrying the cotangent g (B, n) and
+    its log scale (B,) from one segment to the next.  One extra forward pass
+    for memory (L/S + 2S) B n instead of 2 L B n; the same operations as
+    gradient_profile in the same order, so the results are bitwise equal.
+    """
+    cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
+    cdef Py_ssize_t n_blocks = saturated.shape[0], n_segments = checkpoints.shape[0]
+    cdef Py_ssize_t block, start, rows, seg, first, count, layer
+    cdef Py_ssize_t max_rows = (batch + n_blocks - 1) // n_blocks
+    cdef floating *buffer = NULL
+    cdef floating res = <floating> residual
+    cdef int threads = max(1, min(n_threads, n_blocks))
+
+    with nogil, parallel(num_threads=threads):
+        buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
+        for block in prange(n_blocks, schedule='static'):
+            start = _block_start(block, n_blocks, batch)
+            rows = _block_start(block + 1, n_blocks, batch) - start
+            memcpy(&xs[0, start, 0], &x[start, 0], rows * n * sizeof(floating))
+            for seg in range(n_segments):
+                first = seg * segment
+                count = min(segment, depth - first)
+                memcpy(&checkpoints[seg, start, 0], &xs[0, start, 0], rows * n * sizeof(floating))
+                _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
+                                &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
+                                &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
+                                &saturated[block, first], &alive[block, first, 0], buffer)
+                memcpy(&xs[0, start, 0], &xs[count, start, 0], rows * n * sizeof(floating))
+            memcpy(&g[start, 0], &grad_output[start, 0], rows * n * sizeof(floating))
+            memset(&log_scale[start], 0, rows * sizeof(double))
+            _renormalise_rows(rows, n, &g[start, 0], &log_scale[start], &log_grad_norm[start, depth],
+                              depth + 1)
+        free(buffer)
+
+    for seg in range(n_segments - 1, -1, -1):
+        first = seg * segment
+        count = min(segment, depth - first)
+        with nogil, parallel(num_threads=threads):
+            buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
+            for block in prange(n_blocks, schedule='static'):
+                start = _block_start(block, n_blocks, batch)
+                rows = _block_start(block + 1, n_blocks, batch) - start
+                memcpy(&xs[0, start, 0], &checkpoints[seg, start, 0], rows * n * sizeof(floating))
+                _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
+                                &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
+                                &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
+                                <long long *> NULL, <unsigned char *> NULL, buffer)
+                _backward_layers(count, first, depth, n, batch, start, rows, has_residual, res, norm,
+                                 &weights[first, 0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
+                                 &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
+                                 &log_grad_norm[0, 0], &g[start, 0], &log_scale[start], buffer,
+                                 buffer + max_rows * n)
+            free(buffer)
+        with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, count))):
+            buffer = <floating *> malloc(_weight_gradient_scratch(batch, n) * sizeof(floating))
+            for layer in prange(count, schedule='dynamic'):
+                log_weight_grad_norm[first + layer] = _weight_gradient_norm(
+                    batch, n, norm, &derivatives[layer, 0, 0], &xs[layer, 0, 0], &mean_pre[layer, 0],
+                    &inv_pre[layer, 0], &log_scale_h[layer, 0], buffer)
+            free(buffer)
 
 
 def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[::1] bias_addresses,
