@@ -17,6 +17,7 @@ with status 2; ``main`` returns the exit status instead of exiting.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -324,7 +325,8 @@ def _info(arguments: argparse.Namespace) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     try:
-        from vgcore import _bench
+        # import_module, not `from vgcore import _bench`: it goes through sys.modules
+        _bench = importlib.import_module("vgcore._bench")
     except ImportError as error:
         print(f"{PROG} bench: error: the benchmark module is not available ({_one_line(error)})",
               file=sys.stderr)
