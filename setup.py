@@ -83,7 +83,15 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h",
                  "csrc/vg_openmp.h"],
-    )
+    ),
+    Extension(
+        "vgcore._spectra",
+        ["vgcore/_spectra.pyx"],
+        include_dirs=["csrc", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h",
+                 "csrc/vg_openmp.h"],
+    ),
 ]
 
 setup(
