@@ -1,0 +1,347 @@
+/*
+ * vg_cuda_kernels.cu -- the CUDA kernels of vgcore's CuPy mirror (vgcore/_cuda.py).
+ *
+ * CuPy builds this file at run time with NVRTC (cupy.RawModule, once per
+ * device), instantiating each template kernel for float and double through
+ * name_expressions; CI compiles it with nvcc (tests/test_cuda_build.py).  It
+ * includes no system header, so NVRTC needs nothing but csrc/ on its include
+ * path.  The activation math is the CPU kernels' own header.
+ *
+ * Matrix products are not here: cuBLAS does them through cupy.matmul, over
+ * all samples (and all vectors of all samples) at once.  These kernels are
+ * the fused row-wise work around each product, so that one layer costs a
+ * fixed number of launches whatever the batch.  A kernel that reduces over a
+ * row runs one block per row (blockDim.x a multiple of 32, at most 1024,
+ * grid = rows); sums are taken in double, as the CPU kernels take them
+ * (vgcore/_kernels.pyx), and in a fixed order, so results are deterministic.
+ *
+ * Layouts are row-major and C-contiguous.  A row is one vector of n
+ * features.  With per_sample = k, rows b*k .. b*k + k - 1 belong to sample b,
+ * whose caches (normalised vectors, inverse standard deviations, phi') sit at
+ * index b.  Element offsets are computed in long long: B * k * n may exceed
+ * 2^31 (a Jacobian of 512 samples of width 2048).
+ */
+#include "vg_activations.h"
+#include "vg_stack.h"
+
+/* ---- helpers ----------------------------------------------------------- */
+
+__device__ __forceinline__ vg_pair_d vg_activation_t(int kind, double h) { return vg_activation_d(kind, h); }
+__device__ __forceinline__ vg_pair_f vg_activation_t(int kind, float h) { return vg_activation_f(kind, h); }
+
+/* -inf without <math.h> (NVRTC has no system headers). */
+__device__ __forceinline__ double vg_negative_infinity()
+{
+    return __longlong_as_double((long long)0xfff0000000000000ULL);
+}
+
+/* Sum over the block of one value per thread, returned to every thread.
+   Every thread of the block must call it; scratch is 32 doubles of shared memory. */
+__device__ __forceinline__ double vg_block_sum(double value, double *scratch)
+{
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const unsigned warps = (blockDim.x + 31u) >> 5;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value += __shfl_down_sync(0xffffffffu, value, offset);
+    __syncthreads(); /* a previous call's result may still be being read */
+    if (lane == 0)
+        scratch[warp] = value;
+    __syncthreads();
+    if (warp == 0) {
+        value = lane < warps ? scratch[lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1)
+            value += __shfl_down_sync(0xffffffffu, value, offset);
+        if (lane == 0)
+            scratch[0] = value;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+/* Maximum over the block, as vg_block_sum. */
+__device__ __forceinline__ double vg_block_max(double value, double *scratch)
+{
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    const unsigned warps = (blockDim.x + 31u) >> 5;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        value = fmax(value, __shfl_down_sync(0xffffffffu, value, offset));
+    __syncthreads();
+    if (lane == 0)
+        scratch[warp] = value;
+    __syncthreads();
+    if (warp == 0) {
+        value = lane < warps ? scratch[lane] : vg_negative_infinity();
+        for (int offset = 16; offset > 0; offset >>= 1)
+            value = fmax(value, __shfl_down_sync(0xffffffffu, value, offset));
+        if (lane == 0)
+            scratch[0] = value;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+/* ---- forward pass ------------------------------------------------------ */
+
+/* out[r] = LN(v[r]) = (v[r] - mean) * inv_std and inv_std_out[r]: the pre-norm's
+   u = LN(x).  Two passes, as the CPU kernel: the mean in double rounded to T,
+   then the variance of the rounded deviations in double. */
+template <typename T>
+__global__ void vg_layer_norm_rows(int rows, int n, const T *v, T *out, T *inv_std_out)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x;
+    const T *vr = v + row * n;
+    T *outr = out + row * n;
+    double total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        total += (double)vr[i];
+    const T mean = (T)(vg_block_sum(total, scratch) / n);
+    double var = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double centred = (double)(vr[i] - mean);
+        var += centred * centred;
+    }
+    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        outr[i] = (vr[i] - mean) * inv_std;
+    if (threadIdx.x == 0)
+        inv_std_out[row] = inv_std;
+}
+
+/* Everything of one layer after its matrix product, in place on h (rows, n):
+       h <- phi(h + bias)                          keeping phi'(h + bias) in derivative,
+       h <- x + residual * h                       when has_residual,
+       h <- LN(h), inv_std_post[r] = its scale     when norm is post.
+   derivative may be NULL (forward only).  x is the layer's input (for the residual). */
+template <typename T>
+__global__ void vg_forward_epilogue(int rows, int n, int activation, int has_residual, T residual,
+                                    int norm, const T *bias, const T *x, T *h, T *derivative,
+                                    T *inv_std_post)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x;
+    T *hr = h + row * n;
+    const T *xr = x + row * n;
+    double total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const auto p = vg_activation_t(activation, hr[i] + bias[i]);
+        if (derivative != nullptr)
+            derivative[row * n + i] = p.derivative;
+        const T y = has_residual ? xr[i] + residual * p.value : p.value;
+        hr[i] = y;
+        total += (double)y;
+    }
+    if (norm != VG_NORM_POST)
+        return; /* uniform over the block: no thread is left waiting at a barrier */
+    const T mean = (T)(vg_block_sum(total, scratch) / n);
+    double var = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double centred = (double)(hr[i] - mean);
+        var += centred * centred;
+    }
+    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        hr[i] = (hr[i] - mean) * inv_std;
+    if (threadIdx.x == 0)
+        inv_std_post[row] = inv_std;
+}
+
+/* ---- Jacobian products ------------------------------------------------- */
+
+/* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
+   Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row. */
+template <typename T>
+__device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, double *scratch,
+                                                    double *g_mean, double *gx_mean)
+{
+    double g_total = 0, gx_total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        g_total += (double)gr[i];
+        gx_total += (double)gr[i] * xhat[i];
+    }
+    *g_mean = vg_block_sum(g_total, scratch) / n;
+    *gx_mean = vg_block_sum(gx_total, scratch) / n;
+}
+
+/* out[r] = J_LN in[r] (+ addend[r]) with J_LN the layer norm's (symmetric) Jacobian of
+   sample r / per_sample, whose normalised vector is normalised[s] and scale inv_std[s];
+   J_LN is the identity when normalised is NULL, and nothing is added when addend is NULL.
+   out may alias in or addend.  Serves the pre-norm of the JVP (t_u = J t) and of the VJP
+   (g_x = J g_u + g for a residual layer). */
+template <typename T>
+__global__ void vg_layer_norm_product(int rows, int n, int per_sample, const T *in, const T *normalised,
+                                      const T *inv_std, const T *addend, T *out)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x, sample = row / per_sample;
+    const T *inr = in + row * n;
+    T *outr = out + row * n;
+    if (normalised != nullptr) {
+        const T *xhat = normalised + sample * n;
+        const T scale = inv_std[sample];
+        double g_mean, gx_mean;
+        vg_layer_norm_means(n, inr, xhat, scratch, &g_mean, &gx_mean);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const T v = scale * (T)((double)inr[i] - g_mean - (double)xhat[i] * gx_mean);
+            outr[i] = addend != nullptr ? addend[row * n + i] + v : v;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            outr[i] = addend != nullptr ? addend[row * n + i] + inr[i] : inr[i];
+    }
+}
+
+/* The VJP of one layer up to its matrix product, rows (B * k, n), in place on g:
+       g   <- J_LN g                  when norm is post (out_cache: the layer's output),
+       g_h  = residual * g * phi'     (residual 1 without a residual branch).
+   For a gradient profile (per_sample 1, sample_weights not NULL) it also writes the
+   operands of the weight-gradient norm: g_weighted = w_b g_h with w_b = exp(s_b - max s)
+   and u_scaled = u / u_scale, u the layer's linear input and u_scale = stats[1]. */
+template <typename T>
+__global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residual, T residual, int norm,
+                                const T *out_cache, const T *inv_std_post, const T *derivative, T *g,
+                                T *g_h, const double *sample_weights, const double *stats, const T *u,
+                                T *g_weighted, T *u_scaled)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x, sample = row / per_sample;
+    T *gr = g + row * n;
+    const T *dr = derivative + sample * n;
+    if (norm == VG_NORM_POST) {
+        const T *xhat = out_cache + sample * n;
+        const T scale = inv_std_post[sample];
+        double g_mean, gx_mean;
+        vg_layer_norm_means(n, gr, xhat, scratch, &g_mean, &gx_mean);
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            gr[i] = scale * (T)((double)gr[i] - g_mean - (double)xhat[i] * gx_mean);
+    }
+    const T scale = has_residual ? residual : (T)1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const T value = scale * gr[i] * dr[i];
+        g_h[row * n + i] = value;
+        if (sample_weights != nullptr) {
+            g_weighted[row * n + i] = (T)(sample_weights[sample] * value);
+            u_scaled[row * n + i] = (T)(u[sample * n + i] / stats[1]);
+        }
+    }
+}
+
+/* The JVP of one layer after its matrix product, rows (B * k, n), in place on t:
+       t <- t + residual * phi' t_h   (phi' t_h without a residual branch),
+       t <- J_LN t                    when norm is post (out_cache: the layer's output). */
+template <typename T>
+__global__ void vg_jvp_epilogue(int rows, int n, int per_sample, int has_residual, T residual, int norm,
+                                const T *derivative, const T *t_h, const T *out_cache,
+                                const T *inv_std_post, T *t)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x, sample = row / per_sample;
+    T *tr = t + row * n;
+    const T *dr = derivative + sample * n;
+    const T *hr = t_h + row * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        tr[i] = has_residual ? tr[i] + residual * (dr[i] * hr[i]) : dr[i] * hr[i];
+    if (norm != VG_NORM_POST)
+        return;
+    const T *xhat = out_cache + sample * n;
+    const T scale = inv_std_post[sample];
+    double g_mean, gx_mean;
+    vg_layer_norm_means(n, (const T *)tr, xhat, scratch, &g_mean, &gx_mean);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        tr[i] = scale * (T)((double)tr[i] - g_mean - (double)xhat[i] * gx_mean);
+}
+
+/* ---- gradient profile ---------------------------------------------------- */
+
+/* Per-layer renormalisation of the cotangents g (rows, n): records
+   log_norm[r * stride] = log_scale[r] + log ||g_r|| (-inf for a zero row), then
+   rescales g_r to unit norm and adds the log of the factor to log_scale[r].
+   When u is not NULL, also u_squared_norm[r] = ||u_r||^2 (the next layer's linear
+   input, whose largest row scales the weight-gradient operands). */
+template <typename T>
+__global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, double *log_norm,
+                                    int stride, const T *u, double *u_squared_norm)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x;
+    T *gr = g + row * n;
+    double total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        total += (double)gr[i] * gr[i];
+    const double norm = sqrt(vg_block_sum(total, scratch));
+    if (norm > 0) {
+        const T inv = (T)(1.0 / norm);
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            gr[i] = gr[i] * inv;
+    }
+    if (u != nullptr) {
+        const T *ur = u + row * n;
+        double u_total = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            u_total += (double)ur[i] * ur[i];
+        u_total = vg_block_sum(u_total, scratch);
+        if (threadIdx.x == 0)
+            u_squared_norm[row] = u_total;
+    }
+    if (threadIdx.x == 0) {
+        if (norm > 0) {
+            log_norm[row * stride] = log_scale[row] + log(norm);
+            log_scale[row] = log_scale[row] + log(norm);
+        } else {
+            log_norm[row * stride] = vg_negative_infinity();
+        }
+    }
+}
+
+/* One block: the sample weights w_b = exp(s_b - max s) of a layer's weight gradient,
+   stats[0] = max s and stats[1] = u_scale, the largest row norm of the layer's linear
+   input (1 when every row is zero). */
+extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale,
+                                             const double *u_squared_norm, double *weights,
+                                             double *stats)
+{
+    __shared__ double scratch[32];
+    double top = vg_negative_infinity(), largest = 0;
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+        top = fmax(top, log_scale[b]);
+        largest = fmax(largest, u_squared_norm[b]);
+    }
+    top = vg_block_max(top, scratch);
+    largest = vg_block_max(largest, scratch);
+    for (int b = threadIdx.x; b < batch; b += blockDim.x)
+        weights[b] = exp(log_scale[b] - top);
+    if (threadIdx.x == 0) {
+        const double u_scale = sqrt(largest);
+        stats[0] = top;
+        stats[1] = u_scale > 0 ? u_scale : 1.0;
+    }
+}
+
+/* partials[block] = this block's share of sum_i a[i] b[i], in double (grid-stride). */
+template <typename T>
+__global__ void vg_dot_partials(long long count, const T *a, const T *b, double *partials)
+{
+    __shared__ double scratch[32];
+    double total = 0;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x)
+        total += (double)a[i] * b[i];
+    total = vg_block_sum(total, scratch);
+    if (threadIdx.x == 0)
+        partials[blockIdx.x] = total;
+}
+
+/* One block: *out = log ||dL/dW|| = stats[0] + log(stats[1]) + log(sum of partials) / 2,
+   -inf for a zero gradient.  The partials hold ||G_w^T U_s||_F^2 with G_w the weighted
+   cotangents at h and U_s the scaled linear inputs (vgcore._cuda.gradient_profile). */
+extern "C" __global__ void vg_weight_gradient_log_norm(int count, const double *partials,
+                                                       const double *stats, double *out)
+{
+    __shared__ double scratch[32];
+    double total = 0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x)
+        total += partials[i];
+    total = vg_block_sum(total, scratch);
+    if (threadIdx.x == 0)
+        *out = total > 0 ? stats[0] + log(stats[1]) + 0.5 * log(total) : vg_negative_infinity();
+}
