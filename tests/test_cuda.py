@@ -1,0 +1,390 @@
+"""The CuPy backend against the NumPy reference, through an ``xp`` fixture over NumPy and CuPy.
+
+Each test runs on host arrays (backend "auto" runs the compiled CPU kernels)
+and, where CuPy imports and a GPU is visible, on CuPy arrays (backend "auto"
+runs vgcore._cuda); the cupy cases skip cleanly elsewhere.  Results must equal
+the reference as the CPU kernels must (float64 1e-10, float32 1e-4 where the
+problem allows: conftest.assert_matches_reference) and stay on the device of
+the inputs.  Without a usable GPU, the tests that the "cuda" backend is
+refused with its reason run instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+from conftest import CUDA, assert_matches_reference, references, requires_cuda, stack_cases
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vgcore as vg
+from vgcore import _reference
+from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
+
+# The host cases repeat what test_kernels checks at length; the device cases are the point.
+EXAMPLES = 100 if CUDA else 15
+
+
+@pytest.fixture(scope="module", params=["numpy", pytest.param("cupy", marks=requires_cuda)])
+def xp(request):
+    """The array namespace the stack and inputs live in."""
+    if request.param == "numpy":
+        return np
+    import cupy
+
+    return cupy
+
+
+def on(xp, stack: vg.Stack) -> vg.Stack:
+    """The same stack with its parameters in namespace xp."""
+    return vg.Stack(xp.asarray(stack.weights), xp.asarray(stack.biases), activation=stack.activation,
+                    residual=stack.residual, norm=stack.norm)
+
+
+def host(array) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array."""
+    get = getattr(array, "get", None)
+    return np.asarray(get() if callable(get) else array)
+
+
+def assert_lives_in(xp, *arrays) -> None:
+    for array in arrays:
+        assert isinstance(array, xp.ndarray), f"{type(array).__module__}.{type(array).__name__}"
+
+
+def cuda_module():
+    return importlib.import_module("vgcore._cuda")
+
+
+# ---------------------------------------------------------------------------
+# Every computation against the reference
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=EXAMPLES)
+@given(case=stack_cases())
+def test_forward_matches_reference(xp, case):
+    stack, x = case
+    low, high = references(vg.forward, stack, x)
+    result = vg.forward(on(xp, stack), xp.asarray(x))
+    assert_lives_in(xp, result)
+    assert result.dtype == stack.dtype
+    assert_matches_reference(host(result), high, low, dtype=stack.dtype, relative_to="max")
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=stack_cases())
+def test_gradient_profile_matches_reference(xp, case):
+    stack, x = case
+    g = vg._api.default_grad_output(stack, x.shape[0])
+    profile = vg.gradient_profile(on(xp, stack), xp.asarray(x), xp.asarray(g))
+    assert_lives_in(xp, profile.log_grad_norm, profile.log_weight_grad_norm, profile.saturation,
+                    profile.dead)
+    profile = profile.to_numpy()
+    low, high = references(vg.gradient_profile, stack, x, g)
+    assert profile.log_grad_norm.shape == (x.shape[0], stack.depth + 1)
+    for field in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
+        assert getattr(profile, field).dtype == np.float64
+    for field in ("log_grad_norm", "log_weight_grad_norm"):
+        assert_matches_reference(getattr(profile, field), getattr(high, field), getattr(low, field),
+                                 dtype=stack.dtype)
+    cells = x.shape[0] * stack.width
+    if stack.dtype == np.float64:
+        np.testing.assert_array_equal(profile.saturation, high.saturation)
+        np.testing.assert_array_equal(profile.dead, high.dead)
+    else:
+        # a unit whose phi'(h) sits at the threshold may round either way in float32
+        assert np.abs(profile.saturation - low.saturation).max() <= 2.0 / cells + 0.02
+        if stack.activation in ("relu", "linear", "leaky_relu"):  # exact zeros, no underflow
+            assert np.abs(profile.dead - low.dead).max() <= 1.0 / stack.width + 1e-12
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=stack_cases(max_depth=30), k=st.integers(1, 5), shared=st.booleans())
+def test_jvp_and_vjp_match_reference(xp, case, k, shared):
+    stack, x = case
+    shape = (k, stack.width) if shared else (x.shape[0], k, stack.width)
+    vectors = np.random.default_rng(k).standard_normal(shape).astype(stack.dtype)
+    device_stack, device_x = on(xp, stack), xp.asarray(x)
+    for function in (vg.jvp, vg.vjp):
+        result = function(device_stack, device_x, xp.asarray(vectors))
+        assert_lives_in(xp, result)
+        assert result.shape == (x.shape[0], k, stack.width)
+        low, high = references(function, stack, x, vectors)
+        assert_matches_reference(host(result), high, low, dtype=stack.dtype, relative_to="max")
+
+
+@settings(max_examples=EXAMPLES)
+@given(case=stack_cases(max_depth=20, max_width=24, max_batch=3))
+def test_jacobian_matches_reference(xp, case):
+    stack, x = case
+    result = vg.jacobian(on(xp, stack), xp.asarray(x))
+    assert_lives_in(xp, result)
+    assert result.shape == (x.shape[0], stack.width, stack.width)
+    low, high = references(vg.jacobian, stack, x)
+    assert_matches_reference(host(result), high, low, dtype=stack.dtype, relative_to="max")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_is_written_in_place(xp, dtype):
+    stack = vg.Stack.random(7, 12, activation="tanh", residual=0.5, norm="post", dtype=dtype, seed=3)
+    device_stack = on(xp, stack)
+    x = xp.asarray(vg.random_inputs(stack, 5, seed=4))
+    vectors = xp.asarray(np.random.default_rng(5).standard_normal((5, 3, 12)).astype(dtype))
+    calls = [
+        (vg.forward, (), (5, 12)),
+        (vg.jvp, (vectors,), (5, 3, 12)),
+        (vg.vjp, (vectors,), (5, 3, 12)),
+        (vg.jacobian, (), (5, 12, 12)),
+    ]
+    for function, extra, shape in calls:
+        out = xp.full(shape, np.nan, dtype)
+        assert function(device_stack, x, *extra, out=out) is out
+        np.testing.assert_array_equal(host(out), host(function(device_stack, x, *extra)))
+
+
+@settings(max_examples=max(5, EXAMPLES // 5))
+@given(cases=st.lists(stack_cases(max_depth=12, max_width=16, max_batch=4), min_size=1, max_size=5))
+def test_batched_profiles_equal_one_by_one(xp, cases):
+    """The sweep's chunk runner, ``backend().gradient_profiles``, on the device's arrays."""
+    stacks = [on(xp, stack) for stack, _ in cases]
+    xs = [xp.asarray(x) for _, x in cases]
+    gs = [xp.asarray(vg._api.default_grad_output(stack, x.shape[0])) for stack, x in cases]
+    implementation = vg._api._backend("auto", stacks[0])
+    batched = implementation.gradient_profiles(stacks, xs, gs)
+    assert len(batched) == len(stacks)
+    for stack, x, g, result in zip(stacks, xs, gs, batched, strict=True):
+        single = implementation.gradient_profile(stack, x, g)
+        for key in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
+            assert_lives_in(xp, result[key])
+            np.testing.assert_allclose(host(result[key]), host(single[key]), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# Spectra (the CuPy backend's own; compared with NumPy written here)
+# ---------------------------------------------------------------------------
+
+def reference_singular_values(stack, x, *, backend="numpy"):
+    """Singular values of the reference Jacobian, descending."""
+    return np.linalg.svd(vg.jacobian(stack, x, backend=backend), compute_uv=False)
+
+
+def reference_lyapunov_exponents(stack, x, k, *, backend="numpy"):
+    """Benettin's method on the reference: e_1..e_k pushed through each layer's Jacobian, QR after each.
+
+    Returns the mean over layers of log |R_ii|, (B, k).
+    """
+    k = int(k)  # conftest.references passes every argument through np.asarray
+    weights, biases = np.asarray(stack.weights), np.asarray(stack.biases)
+    batch, width = x.shape
+    directions = np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=stack.dtype)[:k],
+                                                      (batch, k, width)))
+    log_growth = np.zeros((batch, k))
+    for weight, bias in zip(weights, biases, strict=True):
+        x, cache = _reference.layer_forward(weight, bias, x, stack.activation, stack.residual, stack.norm)
+        directions = _reference.layer_jvp(weight, cache, directions, stack.residual, stack.norm)
+        q, r = np.linalg.qr(directions.transpose(0, 2, 1))
+        with np.errstate(divide="ignore"):
+            log_growth += np.log(np.abs(np.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
+        directions = np.ascontiguousarray(q.transpose(0, 2, 1))
+    return log_growth / len(weights)
+
+
+@requires_cuda
+@settings(max_examples=EXAMPLES // 2)
+@given(case=stack_cases(max_depth=20, max_width=16, max_batch=3), k=st.integers(1, 16))
+def test_spectra_match_reference(case, k):
+    import cupy
+
+    stack, x = case
+    k = min(k, stack.width)
+    backend = cuda_module().backend()
+    device_stack, device_x = on(cupy, stack), cupy.asarray(x)
+    values = backend.singular_values(device_stack, device_x)
+    exponents = backend.lyapunov_exponents(device_stack, device_x, k)
+    assert_lives_in(cupy, values, exponents)
+    assert values.shape == (x.shape[0], stack.width) and exponents.shape == (x.shape[0], k)
+    assert np.all(np.diff(host(values), axis=1) <= 0)
+    low, high = references(reference_singular_values, stack, x)
+    assert_matches_reference(host(values), high, low, dtype=stack.dtype, relative_to="max")
+    low, high = references(reference_lyapunov_exponents, stack, x, k)
+    assert_matches_reference(host(exponents), high, low, dtype=stack.dtype)
+
+
+# ---------------------------------------------------------------------------
+# The device: weights, placement, DLPack, launches
+# ---------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", "uniform"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_random_stack_on_the_gpu_has_the_cpu_weights(init, dtype):
+    import cupy
+
+    options = dict(activation="gelu", init=init, sigma_w=1.3, sigma_b=0.2, dtype=dtype, seed=11)
+    cpu = vg.Stack.random(6, 9, **options)
+    gpu = vg.Stack.random(6, 9, device="cuda", **options)
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    assert_lives_in(cupy, gpu.weights, gpu.biases)
+    np.testing.assert_array_equal(host(gpu.weights), cpu.weights)
+    np.testing.assert_array_equal(host(gpu.biases), cpu.biases)
+    x = vg.random_inputs(gpu, 4, seed=2)
+    assert_lives_in(cupy, x, vg._api.default_grad_output(gpu, 4))
+    np.testing.assert_array_equal(host(x), vg.random_inputs(cpu, 4, seed=2))
+    np.testing.assert_array_equal(host(vg._api.default_grad_output(gpu, 4)),
+                                  vg._api.default_grad_output(cpu, 4))
+    # the default grad_output follows the seed on both devices, so the profiles agree
+    cpu_profile = vg.gradient_profile(cpu, vg.random_inputs(cpu, 4, seed=2))
+    gpu_profile = vg.gradient_profile(gpu, x).to_numpy()
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    np.testing.assert_allclose(gpu_profile.log_grad_norm, cpu_profile.log_grad_norm, rtol=rtol, atol=rtol)
+
+
+@requires_cuda
+def test_results_stay_on_the_gpu():
+    import cupy
+
+    stack = vg.Stack.random(5, 8, activation="silu", norm="pre", seed=1, device="cuda")
+    x = vg.random_inputs(stack, 3, seed=2)
+    vectors = cupy.ones((2, 8))
+    profile = vg.gradient_profile(stack, x)
+    assert_lives_in(cupy, vg.forward(stack, x), vg.jvp(stack, x, vectors), vg.vjp(stack, x, vectors),
+                    vg.jacobian(stack, x), profile.log_grad_norm, profile.log_weight_grad_norm,
+                    profile.saturation, profile.dead, profile.grad_norm)
+    backend = cuda_module().backend()
+    assert_lives_in(cupy, backend.singular_values(stack, x), backend.lyapunov_exponents(stack, x, 3))
+
+
+@requires_cuda
+def test_cuda_backend_on_host_arrays_returns_host_arrays():
+    """backend="cuda" on a host stack computes on the GPU and brings the results back."""
+    stack = vg.Stack.random(6, 10, activation="tanh", residual=1.0, seed=4)
+    x = vg.random_inputs(stack, 3, seed=5)
+    on_gpu = vg.forward(stack, x, backend="cuda")
+    assert isinstance(on_gpu, np.ndarray)
+    np.testing.assert_allclose(on_gpu, vg.forward(stack, x, backend="cpu"), rtol=1e-10, atol=1e-12)
+    out = np.empty_like(x)
+    assert vg.forward(stack, x, out=out, backend="cuda") is out
+    np.testing.assert_array_equal(out, on_gpu)
+    profile = vg.gradient_profile(stack, x, backend="cuda")
+    assert isinstance(profile.log_grad_norm, np.ndarray)
+    np.testing.assert_allclose(profile.log_grad_norm, vg.gradient_profile(stack, x).log_grad_norm,
+                               rtol=1e-10, atol=1e-10)
+
+
+@requires_cuda
+def test_dlpack_cuda_tensor_is_used_without_copying():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights = torch.randn(4, 6, 6, device="cuda", dtype=torch.float64, generator=generator) / 6**0.5
+    biases = torch.randn(4, 6, device="cuda", dtype=torch.float64, generator=generator)
+    x = torch.randn(3, 6, device="cuda", dtype=torch.float64, generator=generator)
+    stack = vg.Stack(weights, biases, activation="tanh")
+    assert stack.device == "cuda"
+    assert stack.weights.data.ptr == weights.data_ptr()
+    assert stack.biases.data.ptr == biases.data_ptr()
+    result = vg.forward(stack, x)
+    expected = _reference.forward(weights.cpu().numpy(), biases.cpu().numpy(), x.cpu().numpy(), "tanh",
+                                  None, None)
+    np.testing.assert_allclose(host(result), expected, rtol=1e-10, atol=1e-12)
+
+
+def _launch_count(monkeypatch, function, depth: int, batch: int, k: int = 1) -> int:
+    """Kernel launches plus cuBLAS products of one call of ``function`` on a device stack."""
+    cuda = cuda_module()
+    count = 0
+    launch, matmul = cuda._launch, cuda._matmul
+
+    def counted(original):
+        def wrapper(*args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cuda, "_launch", counted(launch))
+    monkeypatch.setattr(cuda, "_matmul", counted(matmul))
+    try:
+        stack = vg.Stack.random(depth, 32, activation="tanh", residual=0.5, norm="pre", seed=0,
+                                device="cuda")
+        x = vg.random_inputs(stack, batch, seed=1)
+        if function is vg.gradient_profile:
+            function(stack, x)
+        else:
+            import cupy
+
+            function(stack, x, cupy.ones((batch, k, 32)))
+    finally:
+        monkeypatch.setattr(cuda, "_launch", launch)
+        monkeypatch.setattr(cuda, "_matmul", matmul)
+    return count
+
+
+@requires_cuda
+@pytest.mark.parametrize("function", [vg.gradient_profile, vg.jvp, vg.vjp])
+def test_launches_per_layer_do_not_depend_on_the_batch(monkeypatch, function):
+    """Deep narrow stacks are launch-bound: one layer costs a fixed number of launches.
+
+    Batches stay below the width (32): from B >= n on, the weight-gradient norm
+    takes one product fewer (the gradient itself instead of two Gram matrices).
+    """
+    counts = {(depth, batch, k): _launch_count(monkeypatch, function, depth, batch, k)
+              for depth in (4, 8) for batch in (1, 16) for k in (1, 5)
+              if function is not vg.gradient_profile or k == 1}
+    for (depth, _, _), count in counts.items():
+        assert count == counts[depth, 1, 1]  # neither samples nor vectors add launches
+    # forward: layer norm, product, epilogue; profile's backward: renormalisation, sample weights,
+    # epilogue, product, layer-norm product, two Gram products, two reductions
+    per_layer = (counts[8, 1, 1] - counts[4, 1, 1]) / 4
+    assert per_layer == (12 if function is vg.gradient_profile else 6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_header_on_the_gpu_matches_numpy_twin(name, dtype):
+    """csrc/vg_activations.h compiled for the device against vgcore._activations, extremes included."""
+    import cupy
+
+    cuda = cuda_module()
+    h = np.concatenate([
+        np.linspace(-40, 40, 20001), [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 88.0, -88.0, 700.0, -700.0],
+        np.finfo(dtype).max * np.array([1.0, -1.0]),
+    ]).astype(dtype)
+    values, derivatives = cupy.array(h), cupy.empty(h.size, dtype)  # computed in place
+    # one row: bias 0, no residual, no norm, so the epilogue leaves phi(h) and phi'(h)
+    cuda._launch("vg_forward_epilogue", dtype, 1, 256, np.int32(1), np.int32(h.size),
+                 np.int32(ACTIVATION_CODES[name]), np.int32(0), np.dtype(dtype).type(0), np.int32(0),
+                 cupy.zeros(h.size, dtype), values, values, derivatives, cuda._NULL)
+    value, derivative = host(values), host(derivatives)
+    assert not np.isnan(value).any() and not np.isnan(derivative).any()
+    expected_value, expected_derivative = activation(name, h.astype(np.float64))
+    ulps = 8 * np.finfo(dtype).eps
+    tiny = np.finfo(dtype).tiny
+    for got, want in ((value, expected_value), (derivative, expected_derivative)):
+        finite = (np.abs(want) < np.finfo(dtype).max) & (np.abs(want) > tiny * 1e3)
+        relative = np.abs(got[finite] - want[finite]) / np.abs(want[finite])
+        limit = ulps * (1e3 if name in ("gelu", "silu", "elu", "selu", "softplus") else 1)
+        small = np.abs(want[finite]) < 1e-3
+        assert np.all((relative <= limit) | small & (np.abs(got[finite] - want[finite]) <= ulps))
+
+
+# ---------------------------------------------------------------------------
+# Without a GPU: a clear refusal
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(CUDA, reason="CuPy and a GPU are usable here")
+def test_cuda_backend_is_refused_with_its_reason():
+    with pytest.raises(ImportError, match="CuPy"):
+        importlib.import_module("vgcore._cuda")
+    stack = vg.Stack.random(3, 4, seed=0)
+    x = vg.random_inputs(stack, 2, seed=1)
+    with pytest.raises(ValueError, match=r"^backend: 'cuda' is not available here \(.*CuPy"):
+        vg.forward(stack, x, backend="cuda")
+    with pytest.raises(ValueError, match=r"^backend: 'cuda' is not available here"):
+        vg.gradient_profile(stack, x, backend="cuda")
+    with pytest.raises((ImportError, ValueError), match="CuPy"):
+        vg.Stack.random(3, 4, seed=0, device="cuda")
