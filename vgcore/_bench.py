@@ -53,6 +53,7 @@ JSON (``--json FILE``) holds one object with the keys
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib
@@ -82,8 +83,11 @@ SWEEP_SIGMA_W = (0.5, 2.5)
 BACKENDS = ("cpu", "numpy", "cuda")
 #: Runners faster than this get one untimed run before each block of timed runs.
 SETTLE_BELOW_S = 1.0
+#: A 1-minute load average above this fraction of the cores gets a note that the machine was busy.
+BUSY_LOAD = 0.25
 #: Order of the rows of a job in the table.
-ROW_ORDER = ("cpu", "cuda", "vg.sweep", "numpy", "torch", "gemm")
+SEGMENT_LABEL = "cpu seg=auto"
+ROW_ORDER = ("cpu", SEGMENT_LABEL, "cuda", "vg.sweep", "numpy", "torch", "gemm")
 
 
 @dataclass(frozen=True)
@@ -288,8 +292,19 @@ def comparable(result: Any) -> np.ndarray | None:
     return None
 
 
-def vgcore_runner(problem: Problem, backend: str) -> Callable[[], Any]:
+def segment_supported() -> bool:
+    """Whether ``gradient_profile`` takes ``segment`` (recompute instead of keeping activations)."""
+    import inspect
+
+    import vgcore as vg
+
+    return "segment" in inspect.signature(vg.gradient_profile).parameters
+
+
+def vgcore_runner(problem: Problem, backend: str, **options: Any) -> Callable[[], Any]:
     """The job on a vgcore backend ("cpu" or "numpy") through the public API.
+
+    ``options`` go to ``gradient_profile`` (``segment="auto"``: recompute).
 
     The sweep job on "cpu" calls the sweep's chunk runner
     (``vgcore._cpu.gradient_profiles``) on all configs at once; on "numpy"
@@ -307,7 +322,7 @@ def vgcore_runner(problem: Problem, backend: str) -> Callable[[], Any]:
         return lambda: _cpu.gradient_profiles(problem.stacks, problem.xs, problem.grad_outputs)
 
     def profiles():
-        return [vg.gradient_profile(stack, x, g, backend=backend)
+        return [vg.gradient_profile(stack, x, g, backend=backend, **options)
                 for stack, x, g in zip(problem.stacks, problem.xs, problem.grad_outputs, strict=True)]
 
     return profiles
@@ -631,6 +646,7 @@ class Options:
     min_repeats: int = 2
     max_repeats: int = 30
     repeats: int | None = None
+    threads: int | None = None
     log: Callable[[str], None] = field(default=lambda message: None)
 
 
@@ -665,6 +681,9 @@ def run_job(job: Job, options: Options, notes: list[str]) -> tuple[list[dict], l
             if sweep is not None:
                 runners["vg.sweep"] = sweep
                 details["vg.sweep"] = "vgcore.sweep, cpu, with statistics and frame"
+        if job.kind == "profile" and segment_supported():
+            runners[SEGMENT_LABEL] = vgcore_runner(problem, "cpu", segment="auto")
+            details[SEGMENT_LABEL] = "segment='auto': activations kept every S layers, recomputed"
     if "cuda" in wanted:
         available, why = cuda_status()
         if available:
@@ -685,13 +704,16 @@ def run_job(job: Job, options: Options, notes: list[str]) -> tuple[list[dict], l
         gemm = GemmBaseline(job, threads)
         runners["gemm"] = gemm
         details["gemm"] = gemm.detail
-    memory_of = [label for label in ("cpu", "numpy")
+    memory_of = [label for label in ("cpu", SEGMENT_LABEL, "numpy")
                  if options.memory and job.kind != "jacobian" and label in runners]
     if memory_of:
         # first calls import modules and fill caches: keep that out of the traced warm-up
         small = make_problem(QUICK_JOBS[job.name])
         for label in memory_of:
-            vgcore_runner(small, label)()
+            if label == SEGMENT_LABEL:
+                vgcore_runner(small, "cpu", segment="auto")()
+            else:
+                vgcore_runner(small, label)()
     options.log(f"{job.name}: L {job.depth}, n {job.width}, B {job.batch}, {job.what}: "
                 f"{', '.join(runners)}")
     times, results, memory = time_backends(
@@ -755,15 +777,34 @@ def run(options: Options) -> dict:
     }
     if options.memory and sys.platform.startswith("linux") and not _reset_peak_rss():
         notes.append("memory: peak RSS not measurable here (/proc/self/clear_refs)")
-    for name in options.jobs:
-        job = table[name]
-        document["jobs"].append({"job": job.name, "what": job.what, "depth": job.depth, "width": job.width,
-                                 "batch": job.batch, "configs": job.configs, "flops": job.flops})
-        rows, memory_rows = run_job(job, options, notes)
-        document["results"] += rows
-        document["memory"] += memory_rows
+    with _threads_limited(options.threads):
+        document["machine"]["threads"] = vgcore_threads()
+        for name in options.jobs:
+            job = table[name]
+            document["jobs"].append({"job": job.name, "what": job.what, "depth": job.depth,
+                                     "width": job.width, "batch": job.batch, "configs": job.configs,
+                                     "flops": job.flops})
+            rows, memory_rows = run_job(job, options, notes)
+            document["results"] += rows
+            document["memory"] += memory_rows
     document["load_average_after"] = _load_average()
+    cores = document["machine"]["cores"] or 1
+    busiest = max((load[0] for load in (document["machine"]["load_average"], document["load_average_after"])
+                   if load), default=0.0)
+    if busiest > BUSY_LOAD * cores:
+        notes.append(f"machine busy (1-minute load average up to {busiest:.2f} on {cores} cores): other "
+                     "processes share the cores, and multi-threaded rows (OpenMP, BLAS, PyTorch) slow "
+                     "down far more than single-threaded ones; compare runs made on a quiet machine")
     return document
+
+
+def _threads_limited(threads: int | None):
+    """Every thread pool (OpenMP: vgcore's kernels and PyTorch; BLAS) held to ``threads``."""
+    if threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
 
 
 # ---------------------------------------------------------------------------
@@ -872,6 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time for the timed rounds of one job (default 6; --quick 0.2)")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="timed runs per backend, instead of the budget's count")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="hold vgcore's OpenMP threads, BLAS and PyTorch to N threads (default: all)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
@@ -887,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--jobs: unknown job(s) {', '.join(unknown)}; expected some of {', '.join(table)}")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats: expected a count >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads: expected a count >= 1")
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 6.0)
 
     def log(message: str) -> None:
@@ -896,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(jobs=args.jobs, backend=args.backend, quick=args.quick, torch=args.torch,
                       gemm=args.gemm, memory=args.memory, budget_s=budget,
                       min_repeats=1 if args.quick else 2, max_repeats=3 if args.quick else 30,
-                      repeats=args.repeats, log=log)
+                      repeats=args.repeats, threads=args.threads, log=log)
     document = run(options)
     print(format_report(document, markdown=args.markdown))
     if args.json:
