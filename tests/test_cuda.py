@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference
+from vgcore import _reference, spectra
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
 
 # The host cases repeat what test_kernels checks at length; the device cases are the point.
@@ -162,34 +162,8 @@ def test_batched_profiles_equal_one_by_one(xp, cases):
 
 
 # ---------------------------------------------------------------------------
-# Spectra (the CuPy backend's own; compared with NumPy written here)
+# Spectra: the CuPy backend's against vgcore.spectra's NumPy reference
 # ---------------------------------------------------------------------------
-
-def reference_singular_values(stack, x, *, backend="numpy"):
-    """Singular values of the reference Jacobian, descending."""
-    return np.linalg.svd(vg.jacobian(stack, x, backend=backend), compute_uv=False)
-
-
-def reference_lyapunov_exponents(stack, x, k, *, backend="numpy"):
-    """Benettin's method on the reference: e_1..e_k pushed through each layer's Jacobian, QR after each.
-
-    Returns the mean over layers of log |R_ii|, (B, k).
-    """
-    k = int(k)  # conftest.references passes every argument through np.asarray
-    weights, biases = np.asarray(stack.weights), np.asarray(stack.biases)
-    batch, width = x.shape
-    directions = np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=stack.dtype)[:k],
-                                                      (batch, k, width)))
-    log_growth = np.zeros((batch, k))
-    for weight, bias in zip(weights, biases, strict=True):
-        x, cache = _reference.layer_forward(weight, bias, x, stack.activation, stack.residual, stack.norm)
-        directions = _reference.layer_jvp(weight, cache, directions, stack.residual, stack.norm)
-        q, r = np.linalg.qr(directions.transpose(0, 2, 1))
-        with np.errstate(divide="ignore"):
-            log_growth += np.log(np.abs(np.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
-        directions = np.ascontiguousarray(q.transpose(0, 2, 1))
-    return log_growth / len(weights)
-
 
 @requires_cuda
 @settings(max_examples=EXAMPLES // 2)
@@ -206,9 +180,15 @@ def test_spectra_match_reference(case, k):
     assert_lives_in(cupy, values, exponents)
     assert values.shape == (x.shape[0], stack.width) and exponents.shape == (x.shape[0], k)
     assert np.all(np.diff(host(values), axis=1) <= 0)
-    low, high = references(reference_singular_values, stack, x)
+    assert np.all(np.diff(host(exponents), axis=1) <= 0)
+    assert exponents.dtype == np.float64 and values.dtype == stack.dtype
+    low, high = references(spectra.singular_values, stack, x)
     assert_matches_reference(host(values), high, low, dtype=stack.dtype, relative_to="max")
-    low, high = references(reference_lyapunov_exponents, stack, x, k)
+
+    def lyapunov_exponents(stack, x, *, backend):
+        return spectra.lyapunov_exponents(stack, x, k, backend=backend)
+
+    low, high = references(lyapunov_exponents, stack, x)
     assert_matches_reference(host(exponents), high, low, dtype=stack.dtype)
 
 

@@ -460,10 +460,11 @@ def _jacobian(layers: _Layers, x, out):
 
 
 def _lyapunov_exponents(layers: _Layers, x, k: int):
-    """Mean over layers of log |R_ii| of the QR step after each layer (Benettin's method).
+    """Mean over layers of log |R_ii| of the QR step after each layer (Benettin's method), descending.
 
     k orthonormal directions, initially e_1 .. e_k, are pushed through each
-    layer's Jacobian and re-orthonormalised (batched QR over samples).
+    layer's Jacobian (the JVP, batched over samples and directions) and
+    re-orthonormalised by a batched QR, as vgcore.spectra does on the host.
     """
     depth, width, batch, dtype = layers.depth, layers.width, x.shape[0], layers.dtype
     directions = cupy.zeros((batch, k, width), dtype)
@@ -487,7 +488,7 @@ def _lyapunov_exponents(layers: _Layers, x, k: int):
         log_growth += cupy.log(cupy.abs(cupy.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
         directions = cupy.ascontiguousarray(q.transpose(0, 2, 1))
         current = target
-    return log_growth / depth
+    return cupy.ascontiguousarray(cupy.sort(log_growth / depth, axis=1)[:, ::-1])
 
 
 # ---------------------------------------------------------------------------
@@ -551,7 +552,7 @@ def jacobian(stack, x, out):
 
 
 def singular_values(stack, x):
-    """Singular values of each sample's input-output Jacobian, (B, n), descending."""
+    """Singular values of each sample's input-output Jacobian, (B, n), descending; see vgcore.spectra."""
     def compute(layers, x, out):
         return cupy.linalg.svd(_jacobian(layers, x, None), compute_uv=False)
 
@@ -559,7 +560,7 @@ def singular_values(stack, x):
 
 
 def lyapunov_exponents(stack, x, k: int | None = None):
-    """Per-layer mean log growth rates of k directions (QR renormalisation), (B, k) float64."""
+    """Per-layer mean log growth rates of k directions, (B, k) float64, descending; see vgcore.spectra."""
     k = stack.width if k is None else int(k)
     if not 1 <= k <= stack.width:
         raise ValueError(f"k: expected 1 <= k <= {stack.width} (the width), got {k}")
