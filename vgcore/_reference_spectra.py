@@ -18,8 +18,11 @@ def singular_values(weights, biases, x, activation_name, residual, norm) -> np.n
     return np.stack([np.linalg.svd(jacobian, compute_uv=False) for jacobian in jacobians])
 
 
-def lyapunov_log_growth(weights, biases, x, k, activation_name, residual, norm) -> np.ndarray:
+def lyapunov_log_growth(weights, biases, x, k, activation_name, residual, norm, *,
+                        per_layer: bool = False) -> np.ndarray:
     """Sum over layers of log|R_ii| for k tangents renormalised by QR after every layer, (B, k).
+
+    With ``per_layer``, every layer's log|R_ii| instead, (L, B, k).
 
     The tangents of every sample start as the first k standard basis vectors
     e_1..e_k.  After layer l maps them with its Jacobian, T = J_l Q, the QR
@@ -32,14 +35,19 @@ def lyapunov_log_growth(weights, biases, x, k, activation_name, residual, norm) 
     batch, width = x.shape
     tangents = np.zeros((batch, k, width), dtype=x.dtype)  # rows: the k tangents of a sample
     tangents[:, np.arange(k), np.arange(k)] = 1
-    log_growth = np.zeros((batch, k))
+    layers = []
     for weight, bias in zip(weights, biases, strict=True):
         x, cache = _reference.layer_forward(weight, bias, x, activation_name, residual, norm)
         mapped = _reference.layer_jvp(weight, cache, tangents, residual, norm)  # (B, k, n)
         q, r = np.linalg.qr(mapped.transpose(0, 2, 1))  # per sample: (n, k) = (n, k) (k, k)
         with np.errstate(divide="ignore"):  # a direction mapped to exactly 0: -inf
-            log_growth += np.log(np.abs(np.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
+            layers.append(np.log(np.abs(np.diagonal(r, axis1=1, axis2=2).astype(np.float64))))
         tangents = np.ascontiguousarray(q.transpose(0, 2, 1))
+    if per_layer:
+        return np.stack(layers)
+    log_growth = np.zeros((batch, k))
+    for layer in layers:  # in layer order, as the compiled kernel adds them
+        log_growth += layer
     return log_growth
 
 

@@ -150,8 +150,14 @@ def lyapunov_exponents(stack: Stack, x: Any, k: int | None = None, *, backend: s
     backend = _host_backend(check.check_backend(backend), stack, "lyapunov_exponents")
     x = _api._check_batch(stack, x)
     k = _check_k(k, stack.width)
+    rates = _log_growth(stack, x, k, backend) / stack.depth
+    return np.ascontiguousarray(np.sort(rates, axis=1)[:, ::-1])
+
+
+def _log_growth(stack: Stack, x: np.ndarray, k: int, backend: str) -> np.ndarray:
+    """Unsorted sums over layers of log|R_ii|, (B, k) float64, on "cpu" or "numpy" (validated inputs)."""
     if backend == "numpy":
-        return _reference_spectra.lyapunov_exponents(stack.weights, stack.biases, x, k, *_options(stack))
+        return _reference_spectra.lyapunov_log_growth(stack.weights, stack.biases, x, k, *_options(stack))
     from vgcore import _cpu, _spectra
 
     batch = x.shape[0]
@@ -165,5 +171,4 @@ def lyapunov_exponents(stack: Stack, x: Any, k: int | None = None, *, backend: s
         if (status == -1000).any():
             raise MemoryError("lyapunov_exponents: could not allocate a thread's workspace")
         raise RuntimeError(f"lyapunov_exponents: LAPACK reported info {status[status != 0][0]}")
-    rates = log_growth / stack.depth
-    return np.ascontiguousarray(np.sort(rates, axis=1)[:, ::-1])
+    return log_growth
