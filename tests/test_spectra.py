@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_matches_reference, recast, references, stack_cases
+from conftest import BACKENDS, CUDA, assert_matches_reference, recast, references, stack_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import digamma, polygamma
@@ -341,8 +341,10 @@ def test_gaussian_products_have_newmans_lyapunov_spectrum(backend, width, depth,
     Tolerance: the mean over S seeds must lie within 5 measured standard
     errors (sd over the seeds / sqrt S) of the closed form, and the measured
     sd within a factor 2 of the exact one.  Measured (n 16, L 400, 20 seeds):
-    sd 0.008-0.057 from the top to the bottom exponent (exact 0.009-0.056),
-    largest |mean - lambda_i| 2.6 standard errors.
+    sd 0.008-0.057 from the top to the bottom exponent (exact 0.009-0.056,
+    ratios 0.72-1.3), largest |mean - lambda_i| 0.019 = 3.3 standard errors
+    (the bottom exponents, 0.0028 = 1.6 for the top 5); NumPy reference (n 6,
+    L 150, 10 seeds): 0.029 = 1.8 standard errors.
     """
     sigma = 1.3
     estimates = np.array([
@@ -386,13 +388,15 @@ def test_gaussian_products_have_the_free_probability_moments(width, seeds):
     FC_L(m) = binom(mL + m, m) / (mL + 1), FC_L(2) = L + 1 (Banica, Belinschi,
     Capitaine & Collins 2011; Penson & Zyczkowski 2011).  At finite n the
     exact mean is wishart_product_moments (Wick), (L + 1) + O(L^2 / n):
-    5.75 at n = 16 and 5.08 at n = 128 for L = 4.
+    5.75 at n = 16 and 5.08 at n = 128 for L = 4; to first order the gap is
+    L (L + 1) / (2 n).
 
     Tolerance: each mean over the seeds within 5 measured standard errors of
     its exact finite-n value, and the second moment within that plus the
     exact finite-size gap of the limit L + 1.  Measured (L 4, sigma 1.1):
-    n 128, 20 seeds: first 0.993 +- 0.008, second 4.99 +- 0.09; n 16, 60 seeds:
-    standard errors 0.04 and 0.5.
+    n 128, 20 seeds: first 0.993 +- 0.008, second 4.99 +- 0.09 (exact 5.08,
+    limit 5); n 16, 60 seeds: first 0.953 +- 0.036, second 5.26 +- 0.46
+    (exact 5.75); every mean within 1.3 standard errors of its exact value.
     """
     depth, sigma = 4, 1.1
     second_moments, first_moments = [], []
@@ -408,7 +412,8 @@ def test_gaussian_products_have_the_free_probability_moments(width, seeds):
     finite_size_gap = exact_second - (depth + 1)
     standard_error = np.std(second_moments, ddof=1) / np.sqrt(seeds)
     assert abs(np.mean(second_moments) - (depth + 1)) < finite_size_gap + 5 * standard_error
-    assert finite_size_gap < 1.5 * depth ** 2 / width  # the O(L^2 / n) approach to the limit
+    first_order = depth * (depth + 1) / (2 * width)  # the O(L^2 / n) approach to the limit
+    assert first_order <= finite_size_gap <= 1.25 * first_order
 
 
 # ---------------------------------------------------------------------------
@@ -458,8 +463,9 @@ def test_bad_stack_and_backend_are_refused(stack, x, function):
     for backend, error in ((1, TypeError), ("gpu", ValueError), ("NUMPY", ValueError), (None, TypeError)):
         with pytest.raises(error, match=r"^backend: "):
             function(stack, x, backend=backend)
-    with pytest.raises(ValueError, match=r"^backend: "):  # no GPU implementation (or no GPU)
-        function(stack, x, backend="cuda")
+    if not CUDA:
+        with pytest.raises(ValueError, match=r"^backend: 'cuda'"):
+            function(stack, x, backend="cuda")
 
 
 def test_k_accepts_numpy_integers(stack, x):

@@ -2,9 +2,9 @@
 
 Backends as in vgcore._api: "cpu" (compiled: vgcore._spectra, and the
 Jacobian of vgcore._kernels), "numpy" (the plain reference,
-vgcore._reference_spectra), "auto" ("cpu" for host arrays).  There is no GPU
-implementation yet: "cuda", and "auto" for a stack on the GPU, raise
-ValueError naming ``backend``.
+vgcore._reference_spectra), "cuda" (the CuPy mirror, vgcore._cuda), "auto"
+("cuda" for a stack on the GPU, else "cpu").  Results come back on the
+device of the inputs.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from vgcore._stack import Stack
 __all__ = ["lyapunov_exponents", "singular_values"]
 
 
-def _host_backend(backend: str, stack: Stack, function: str) -> str:
-    """"cpu" or "numpy" for ``backend`` (validated) and this stack, else ValueError naming backend."""
-    resolved = _api._resolve(backend, stack)
+def _resolve(backend: Any, stack: Stack) -> str:
+    """"cpu", "numpy" or "cuda" for ``backend`` and this stack; ValueError naming backend if unavailable."""
+    resolved = _api._resolve(check.check_backend(backend), stack)
     if resolved == "cuda":
-        _api._backend(backend, stack)  # ValueError when CuPy / a GPU is missing
-        raise ValueError(f"backend: {function} has no 'cuda' implementation yet; build the stack on "
-                         "the host (device='cpu') and use backend='cpu' or 'numpy'")
+        _api._backend(resolved, stack)  # ValueError when CuPy or a GPU is missing
     return resolved
 
 
@@ -52,14 +50,14 @@ def singular_values(stack: Stack, x: Any, *, backend: str = "auto"):
     stack : Stack
     x : array, shape (B, n)
         Inputs x_0; any real floating dtype, cast to the stack's dtype.
-    backend : {"auto", "cpu", "numpy"}
+    backend : {"auto", "cpu", "cuda", "numpy"}
         "cpu": the compiled Jacobian (:func:`vgcore.jacobian`), then LAPACK's
         divide-and-conquer SVD (``numpy.linalg.svd``) per sample, samples
         spread over the kernels' threads with BLAS held to one thread each.
 
     Returns
     -------
-    ndarray, shape (B, n), the stack's dtype
+    ndarray, shape (B, n), the stack's dtype (CuPy for a stack on the GPU)
         Descending.  They are the singular values of the product of the
         layers' Jacobians, so at depth they underflow or overflow like it
         (use :func:`lyapunov_exponents` for log rates that stay finite).
@@ -70,8 +68,10 @@ def singular_values(stack: Stack, x: Any, *, backend: str = "auto"):
         Naming the offending argument, before any work.
     """
     stack = _api._check_stack(stack)
-    backend = _host_backend(check.check_backend(backend), stack, "singular_values")
+    backend = _resolve(backend, stack)
     x = _api._check_batch(stack, x)
+    if backend == "cuda":
+        return _api._backend(backend, stack).singular_values(stack, x)
     if backend == "numpy":
         return _reference_spectra.singular_values(stack.weights, stack.biases, x, *_options(stack))
     from vgcore import _cpu
@@ -120,8 +120,12 @@ def lyapunov_exponents(stack: Stack, x: Any, k: int | None = None, *, backend: s
 
     Identities: with k = n, the exponents sum to (1/L) log|det J| =
     (1/L) sum_l log|det J_l|; for any k, L times their sum is the log of the
-    k-volume |det R| of J [e_1..e_k].  A direction mapped to exactly zero
-    (a dead relu layer, a layer norm's null space) gives -inf.
+    k-volume |det R| of J [e_1..e_k].  Where a layer maps a direction to
+    zero (dead relu units, a layer norm's null space, k above the Jacobian's
+    rank) QR measures rounding, so those exponents are of the size of
+    log(eps) / L and not reproducible bit for bit across backends; they are
+    -inf only where the product is exactly zero (e.g. a layer whose every
+    relu unit is dead).
 
     Parameters
     ----------
@@ -130,14 +134,14 @@ def lyapunov_exponents(stack: Stack, x: Any, k: int | None = None, *, backend: s
         Inputs x_0; any real floating dtype, cast to the stack's dtype.
     k : int, optional
         Number of directions, 1 <= k <= n; default n (the whole spectrum).
-    backend : {"auto", "cpu", "numpy"}
+    backend : {"auto", "cpu", "cuda", "numpy"}
         "cpu": compiled (vgcore._spectra), nogil, LAPACK ?geqrf / ?orgqr per
         sample and layer, OpenMP over blocks of samples; bitwise the same
         results for any number of threads.
 
     Returns
     -------
-    ndarray, shape (B, k), float64
+    ndarray, shape (B, k), float64 (CuPy for a stack on the GPU)
         Sorted descending.  Logs are accumulated in float64 for both dtypes;
         a float32 stack's Jacobian products and QR run in float32.
 
@@ -147,9 +151,11 @@ def lyapunov_exponents(stack: Stack, x: Any, k: int | None = None, *, backend: s
         Naming the offending argument, before any work.
     """
     stack = _api._check_stack(stack)
-    backend = _host_backend(check.check_backend(backend), stack, "lyapunov_exponents")
+    backend = _resolve(backend, stack)
     x = _api._check_batch(stack, x)
     k = _check_k(k, stack.width)
+    if backend == "cuda":
+        return _api._backend(backend, stack).lyapunov_exponents(stack, x, k)
     rates = _log_growth(stack, x, k, backend) / stack.depth
     return np.ascontiguousarray(np.sort(rates, axis=1)[:, ::-1])
 
