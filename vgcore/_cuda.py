@@ -459,8 +459,8 @@ def _jacobian(layers: _Layers, x, out):
     return _vjp(layers, x, cupy.eye(layers.width, dtype=layers.dtype), out)
 
 
-def _lyapunov_exponents(layers: _Layers, x, k: int):
-    """Mean over layers of log |R_ii| of the QR step after each layer (Benettin's method), descending.
+def _lyapunov_log_growth(layers: _Layers, x, k: int):
+    """Sums over layers of log |R_ii| of the QR step after each layer (Benettin's method), unsorted.
 
     k orthonormal directions, initially e_1 .. e_k, are pushed through each
     layer's Jacobian (the JVP, batched over samples and directions) and
@@ -488,7 +488,7 @@ def _lyapunov_exponents(layers: _Layers, x, k: int):
         log_growth += cupy.log(cupy.abs(cupy.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
         directions = cupy.ascontiguousarray(q.transpose(0, 2, 1))
         current = target
-    return cupy.ascontiguousarray(cupy.sort(log_growth / depth, axis=1)[:, ::-1])
+    return log_growth
 
 
 # ---------------------------------------------------------------------------
@@ -559,13 +559,25 @@ def singular_values(stack, x):
     return _call(stack, compute, x)
 
 
-def lyapunov_exponents(stack, x, k: int | None = None):
-    """Per-layer mean log growth rates of k directions, (B, k) float64, descending; see vgcore.spectra."""
+def lyapunov_log_growth(stack, x, k: int | None = None):
+    """The unsorted sums over layers of log |R_ii|, (B, k) float64 (vgcore.spectra._log_growth's twin)."""
     k = stack.width if k is None else int(k)
     if not 1 <= k <= stack.width:
         raise ValueError(f"k: expected 1 <= k <= {stack.width} (the width), got {k}")
 
     def compute(layers, x, out):
-        return _lyapunov_exponents(layers, x, k)
+        return _lyapunov_log_growth(layers, x, k)
 
+    return _call(stack, compute, x)
+
+
+def lyapunov_exponents(stack, x, k: int | None = None):
+    """Per-layer mean log growth rates of k directions, (B, k) float64, descending; see vgcore.spectra."""
+    def compute(layers, x, out):
+        rates = _lyapunov_log_growth(layers, x, k) / layers.depth
+        return cupy.ascontiguousarray(cupy.sort(rates, axis=1)[:, ::-1])
+
+    k = stack.width if k is None else int(k)
+    if not 1 <= k <= stack.width:
+        raise ValueError(f"k: expected 1 <= k <= {stack.width} (the width), got {k}")
     return _call(stack, compute, x)
