@@ -19,6 +19,7 @@ from vgcore._api import forward, gradient_profile, jacobian, jvp, vjp
 from vgcore._profile import Profile
 from vgcore._stack import Stack
 from vgcore._utils import random_inputs
+from vgcore.spectra import lyapunov_exponents, singular_values
 from vgcore.sweep import SweepResult, sweep
 
 __version__ = "0.1.0"
@@ -37,7 +38,9 @@ __all__ = [
     "gradient_profile",
     "jacobian",
     "jvp",
+    "lyapunov_exponents",
     "random_inputs",
+    "singular_values",
     "stats",
     "sweep",
     "theory",
