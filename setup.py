@@ -75,24 +75,21 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-extensions = [
-    Extension(
-        "vgcore._kernels",
-        ["vgcore/_kernels.pyx"],
+HEADERS = ["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h", "csrc/vg_openmp.h"]
+
+
+def _extension(name: str) -> Extension:
+    """A compiled module of vgcore: the csrc headers and the shared layer code in _layers.pxd."""
+    return Extension(
+        f"vgcore.{name}",
+        [f"vgcore/{name}.pyx"],
         include_dirs=["csrc", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h",
-                 "csrc/vg_openmp.h"],
-    ),
-    Extension(
-        "vgcore._spectra",
-        ["vgcore/_spectra.pyx"],
-        include_dirs=["csrc", np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h",
-                 "csrc/vg_openmp.h"],
-    ),
-]
+        depends=[*HEADERS, "vgcore/_layers.pxd"],
+    )
+
+
+extensions = [_extension("_kernels"), _extension("_spectra")]
 
 setup(
     ext_modules=cythonize(

@@ -28,10 +28,8 @@ each thread mallocs its workspace inside the parallel region.  Results are
 bitwise the same for any number of threads.  The caller holds BLAS / LAPACK
 to one thread meanwhile.
 
-The layer's forward and JVP steps below are copies of the inline pieces of
-vgcore/_kernels.pyx (_forward_layer, _jvp_layer and their helpers), kept in
-step by the tests that hold both extensions to the same NumPy reference; a
-shared .pxd would let this module cimport them instead.
+The layer's forward and JVP steps are vgcore/_layers.pxd's, the very code
+vgcore._kernels runs.
 """
 
 from cython cimport floating
@@ -39,143 +37,9 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, fabs, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from scipy.linalg.cython_blas cimport dgemm, sgemm
 from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
 
-
-cdef extern from "vg_activations.h" nogil:
-    void vg_bias_activation_block_d(int kind, long rows, long n, double *h, const double *bias,
-                                    double *derivative)
-    void vg_bias_activation_block_f(int kind, long rows, long n, float *h, const float *bias,
-                                    float *derivative)
-
-cdef extern from "vg_stack.h" nogil:
-    double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
-    enum:
-        NORM_NONE "VG_NORM_NONE"
-        NORM_PRE "VG_NORM_PRE"
-        NORM_POST "VG_NORM_POST"
-
-
-# ---------------------------------------------------------------------------
-# BLAS and the layer, copied from vgcore/_kernels.pyx (row-major conventions there)
-# ---------------------------------------------------------------------------
-
-cdef inline void _gemm(char transa, char transb, int m, int n, int k, floating alpha,
-                       const floating *a, int lda, const floating *b, int ldb, floating beta,
-                       floating *c, int ldc) noexcept nogil:
-    if floating is double:
-        dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *> a, &lda, <double *> b, &ldb,
-              &beta, c, &ldc)
-    else:
-        sgemm(&transa, &transb, &m, &n, &k, &alpha, <float *> a, &lda, <float *> b, &ldb,
-              &beta, c, &ldc)
-
-
-cdef inline void _rows_times_weight_t(Py_ssize_t rows, Py_ssize_t n, const floating *u,
-                                      const floating *weight, floating *out) noexcept nogil:
-    """out (rows, n) = u (rows, n) @ weight.T, weight (out, in)."""
-    _gemm(c'T', c'N', <int> n, <int> rows, <int> n, <floating> 1, weight, <int> n, u, <int> n,
-          <floating> 0, out, <int> n)
-
-
-cdef inline void _activation_block(int kind, Py_ssize_t rows, Py_ssize_t n, floating *h,
-                                   const floating *bias, floating *derivative) noexcept nogil:
-    if floating is double:
-        vg_bias_activation_block_d(kind, rows, n, h, bias, derivative)
-    else:
-        vg_bias_activation_block_f(kind, rows, n, h, bias, derivative)
-
-
-cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating *v, floating *out,
-                                  floating *mean_out, floating *inv_std_out) noexcept nogil:
-    """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL."""
-    cdef Py_ssize_t r, i
-    cdef double total, centred, var
-    cdef floating mean, inv_std
-    for r in range(rows):
-        total = 0
-        for i in range(n):
-            total = total + v[r * n + i]
-        mean = <floating> (total / n)
-        var = 0
-        for i in range(n):
-            centred = <double> (v[r * n + i] - mean)
-            var = var + centred * centred
-        inv_std = <floating> (1.0 / sqrt(var / n + LAYER_NORM_EPS))
-        for i in range(n):
-            out[r * n + i] = (v[r * n + i] - mean) * inv_std
-        if mean_out != NULL:
-            mean_out[r] = mean
-        inv_std_out[r] = inv_std
-
-
-cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample,
-                                     floating *g, const floating *normalised,
-                                     const floating *inv_std) noexcept nogil:
-    """In place, g[r] <- J_LN g[r]; row r belongs to sample r // per_sample."""
-    cdef Py_ssize_t r, i, s
-    cdef double g_mean, gx_mean
-    for r in range(rows):
-        s = r // per_sample
-        g_mean = 0
-        gx_mean = 0
-        for i in range(n):
-            g_mean = g_mean + g[r * n + i]
-            gx_mean = gx_mean + <double> g[r * n + i] * normalised[s * n + i]
-        g_mean = g_mean / n
-        gx_mean = gx_mean / n
-        for i in range(n):
-            g[r * n + i] = inv_std[s] * <floating> (g[r * n + i] - g_mean - normalised[s * n + i] * gx_mean)
-
-
-cdef void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, bint has_residual,
-                         floating residual, int norm, const floating *weight, const floating *bias,
-                         const floating *x, floating *out, floating *derivative, floating *u_work,
-                         floating *mean_pre, floating *inv_pre, floating *inv_post) noexcept nogil:
-    """x (rows, n) -> out (rows, n), keeping phi'(h), LN(x) in u_work (pre) and the LN statistics."""
-    cdef const floating *u = x
-    cdef Py_ssize_t i, size = rows * n
-    if norm == NORM_PRE:
-        _layer_norm_rows(rows, n, x, u_work, mean_pre, inv_pre)
-        u = u_work
-    _rows_times_weight_t(rows, n, u, weight, out)
-    _activation_block(activation, rows, n, out, bias, derivative)
-    if has_residual:
-        for i in range(size):
-            out[i] = x[i] + residual * out[i]
-    if norm == NORM_POST:
-        _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post)
-
-
-cdef void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
-                     floating residual, int norm, const floating *weight, const floating *u,
-                     const floating *out, const floating *derivative, const floating *inv_pre,
-                     const floating *inv_post, floating *t, floating *work,
-                     floating *work2) noexcept nogil:
-    """Tangents t (rows, n) at the layer input -> at its output, in place (work, work2: scratch)."""
-    cdef Py_ssize_t r, i, s
-    cdef const floating *t_u = t
-    if norm == NORM_PRE:
-        memcpy(work, t, rows * n * sizeof(floating))
-        _layer_norm_product(rows, n, per_sample, work, u, inv_pre)
-        t_u = work
-    _rows_times_weight_t(rows, n, t_u, weight, work2)
-    for r in range(rows):
-        s = r // per_sample
-        for i in range(n):
-            if has_residual:
-                t[r * n + i] = t[r * n + i] + residual * (derivative[s * n + i] * work2[r * n + i])
-            else:
-                t[r * n + i] = derivative[s * n + i] * work2[r * n + i]
-    if norm == NORM_POST:
-        _layer_norm_product(rows, n, per_sample, t, out, inv_post)
-
-
-cdef inline Py_ssize_t _block_start(Py_ssize_t block, Py_ssize_t n_blocks,
-                                    Py_ssize_t total) noexcept nogil:
-    """Start of block ``block`` in a contiguous, balanced partition of range(total)."""
-    return (block * total) // n_blocks
+from vgcore._layers cimport NORM_PRE, _block_start, _forward_layer, _jvp_layer
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,240 @@
+# cython: language_level=3
+"""The layer of DESIGN.md on a block of rows, shared by the compiled extensions.
+
+Inline, nogil C-level functions over fused float32 / float64: the BLAS
+wrappers (row-major through scipy.linalg.cython_blas), layer norm and its
+(symmetric) Jacobian product, and one layer's forward, VJP and JVP.
+vgcore._kernels and vgcore._spectra cimport them, so each piece of a layer's
+math is written once.  Conventions are those of vgcore._kernels: C-contiguous
+(rows, n) blocks, weights in (out, in) layout, nothing raises.
+"""
+
+from cython cimport floating
+from libc.math cimport sqrt
+from libc.string cimport memcpy
+from scipy.linalg.cython_blas cimport dgemm, dsyrk, sgemm, ssyrk
+
+cdef extern from "vg_activations.h" nogil:
+    double VG_SATURATION_THRESHOLD
+    void vg_bias_activation_block_d(int kind, long rows, long n, double *h, const double *bias,
+                                    double *derivative)
+    void vg_bias_activation_block_f(int kind, long rows, long n, float *h, const float *bias,
+                                    float *derivative)
+
+cdef extern from "vg_stack.h" nogil:
+    double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
+    enum:
+        NORM_NONE "VG_NORM_NONE"
+        NORM_PRE "VG_NORM_PRE"
+        NORM_POST "VG_NORM_POST"
+
+
+# ---------------------------------------------------------------------------
+# BLAS, row-major
+# ---------------------------------------------------------------------------
+
+cdef inline void _gemm(char transa, char transb, int m, int n, int k, floating alpha,
+                       const floating *a, int lda, const floating *b, int ldb, floating beta,
+                       floating *c, int ldc) noexcept nogil:
+    if floating is double:
+        dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *> a, &lda, <double *> b, &ldb,
+              &beta, c, &ldc)
+    else:
+        sgemm(&transa, &transb, &m, &n, &k, &alpha, <float *> a, &lda, <float *> b, &ldb,
+              &beta, c, &ldc)
+
+
+cdef inline void _rows_times_weight_t(Py_ssize_t rows, Py_ssize_t n, const floating *u,
+                                      const floating *weight, floating *out) noexcept nogil:
+    """out (rows, n) = u (rows, n) @ weight.T, weight (out, in)."""
+    _gemm(c'T', c'N', <int> n, <int> rows, <int> n, <floating> 1, weight, <int> n, u, <int> n,
+          <floating> 0, out, <int> n)
+
+
+cdef inline void _rows_times_weight(Py_ssize_t rows, Py_ssize_t n, const floating *g,
+                                    const floating *weight, floating *out) noexcept nogil:
+    """out (rows, n) = g (rows, n) @ weight, weight (out, in)."""
+    _gemm(c'N', c'N', <int> n, <int> rows, <int> n, <floating> 1, weight, <int> n, g, <int> n,
+          <floating> 0, out, <int> n)
+
+
+cdef inline void _gram_upper(Py_ssize_t rows, Py_ssize_t n, const floating *a,
+                             floating *gram) noexcept nogil:
+    """Upper triangle of a @ a.T, a (rows, n) row-major, gram (rows, rows)."""
+    cdef char uplo = c'U'
+    cdef char trans = c'T'
+    cdef int nr = <int> rows, k = <int> n
+    cdef floating one = 1, zero = 0
+    if floating is double:
+        dsyrk(&uplo, &trans, &nr, &k, &one, <double *> a, &k, &zero, gram, &nr)
+    else:
+        ssyrk(&uplo, &trans, &nr, &k, &one, <float *> a, &k, &zero, gram, &nr)
+
+
+cdef inline void _activation_block(int kind, Py_ssize_t rows, Py_ssize_t n, floating *h,
+                                   const floating *bias, floating *derivative) noexcept nogil:
+    if floating is double:
+        vg_bias_activation_block_d(kind, rows, n, h, bias, derivative)
+    else:
+        vg_bias_activation_block_f(kind, rows, n, h, bias, derivative)
+
+
+# ---------------------------------------------------------------------------
+# Layer norm over the features of one row
+# ---------------------------------------------------------------------------
+
+cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating *v, floating *out,
+                                  floating *mean_out, floating *inv_std_out) noexcept nogil:
+    """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL."""
+    cdef Py_ssize_t r, i
+    cdef double total, centred, var
+    cdef floating mean, inv_std
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            total = total + v[r * n + i]
+        mean = <floating> (total / n)
+        var = 0
+        for i in range(n):
+            centred = <double> (v[r * n + i] - mean)
+            var = var + centred * centred
+        inv_std = <floating> (1.0 / sqrt(var / n + LAYER_NORM_EPS))
+        for i in range(n):
+            out[r * n + i] = (v[r * n + i] - mean) * inv_std
+        if mean_out != NULL:
+            mean_out[r] = mean
+        inv_std_out[r] = inv_std
+
+
+cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample,
+                                     floating *g, const floating *normalised,
+                                     const floating *inv_std) noexcept nogil:
+    """In place, g[r] <- J_LN g[r] = inv_std (g - mean(g) - xhat mean(xhat g)).
+
+    Row r belongs to sample r // per_sample, whose normalised vector is
+    normalised[sample] and scale inv_std[sample].  J_LN is symmetric, so this
+    serves the JVP and the VJP alike.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef double g_mean, gx_mean
+    for r in range(rows):
+        s = r // per_sample
+        g_mean = 0
+        gx_mean = 0
+        for i in range(n):
+            g_mean = g_mean + g[r * n + i]
+            gx_mean = gx_mean + <double> g[r * n + i] * normalised[s * n + i]
+        g_mean = g_mean / n
+        gx_mean = gx_mean / n
+        for i in range(n):
+            g[r * n + i] = inv_std[s] * <floating> (g[r * n + i] - g_mean - normalised[s * n + i] * gx_mean)
+
+
+cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floating *x,
+                                     const floating *mean, const floating *inv_std,
+                                     floating *u) noexcept nogil:
+    """u = LN(x) from the stored statistics, bit for bit as in the forward pass."""
+    cdef Py_ssize_t r, i
+    for r in range(rows):
+        for i in range(n):
+            u[r * n + i] = (x[r * n + i] - mean[r]) * inv_std[r]
+
+
+# ---------------------------------------------------------------------------
+# One layer: forward, VJP, JVP on a block of rows
+# ---------------------------------------------------------------------------
+
+cdef inline void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, bint has_residual,
+                         floating residual, int norm, const floating *weight, const floating *bias,
+                         const floating *x, floating *out, floating *derivative, floating *u_work,
+                         floating *mean_pre, floating *inv_pre, floating *inv_post) noexcept nogil:
+    """x (rows, n) -> out (rows, n), keeping phi'(h) and the LN statistics.
+
+    u_work (rows, n) receives LN(x) when norm is pre.  out must not alias x.
+    """
+    cdef const floating *u = x
+    cdef Py_ssize_t i, size = rows * n
+    if norm == NORM_PRE:
+        _layer_norm_rows(rows, n, x, u_work, mean_pre, inv_pre)
+        u = u_work
+    _rows_times_weight_t(rows, n, u, weight, out)
+    _activation_block(activation, rows, n, out, bias, derivative)
+    if has_residual:
+        for i in range(size):
+            out[i] = x[i] + residual * out[i]
+    if norm == NORM_POST:
+        _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post)
+
+
+cdef inline void _vjp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
+                     floating residual, int norm, const floating *weight, const floating *x,
+                     const floating *out, const floating *derivative, const floating *mean_pre,
+                     const floating *inv_pre, const floating *inv_post, floating *g,
+                     floating *g_h, floating *work, floating *u_work) noexcept nogil:
+    """Cotangents g (rows, n) at the layer output -> at its input, in place.
+
+    Row r belongs to sample r // per_sample of the block whose input x,
+    output out, phi'(h) and LN statistics are given.  g_h (rows, n) receives
+    the cotangent at h; it may alias ``derivative`` when per_sample == 1.
+    work (rows, n) is scratch; u_work (samples, n) is scratch for pre-norm.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef Py_ssize_t samples = rows // per_sample
+    cdef floating scale = residual if has_residual else 1
+    if norm == NORM_POST:
+        _layer_norm_product(rows, n, per_sample, g, out, inv_post)
+    for r in range(rows):
+        s = r // per_sample
+        for i in range(n):
+            g_h[r * n + i] = scale * g[r * n + i] * derivative[s * n + i]
+    _rows_times_weight(rows, n, g_h, weight, work)
+    if norm == NORM_PRE:
+        _recompute_pre_norm(samples, n, x, mean_pre, inv_pre, u_work)
+        _layer_norm_product(rows, n, per_sample, work, u_work, inv_pre)
+    if has_residual:
+        for i in range(rows * n):
+            g[i] = g[i] + work[i]
+    else:
+        memcpy(g, work, rows * n * sizeof(floating))
+
+
+cdef inline void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
+                     floating residual, int norm, const floating *weight, const floating *u,
+                     const floating *out, const floating *derivative, const floating *inv_pre,
+                     const floating *inv_post, floating *t, floating *work,
+                     floating *work2) noexcept nogil:
+    """Tangents t (rows, n) at the layer input -> at its output, in place.
+
+    u is the layer's linear input (LN(x) for pre-norm, else x) of the block's
+    samples; work and work2 (rows, n) are scratch.
+    """
+    cdef Py_ssize_t r, i, s
+    cdef const floating *t_u = t
+    if norm == NORM_PRE:
+        memcpy(work, t, rows * n * sizeof(floating))
+        _layer_norm_product(rows, n, per_sample, work, u, inv_pre)
+        t_u = work
+    _rows_times_weight_t(rows, n, t_u, weight, work2)
+    for r in range(rows):
+        s = r // per_sample
+        for i in range(n):
+            if has_residual:
+                t[r * n + i] = t[r * n + i] + residual * (derivative[s * n + i] * work2[r * n + i])
+            else:
+                t[r * n + i] = derivative[s * n + i] * work2[r * n + i]
+    if norm == NORM_POST:
+        _layer_norm_product(rows, n, per_sample, t, out, inv_post)
+
+
+# ---------------------------------------------------------------------------
+# Helpers for blocks
+# ---------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _block_start(Py_ssize_t block, Py_ssize_t n_blocks,
+                                    Py_ssize_t total) noexcept nogil:
+    """Start of block ``block`` in a contiguous, balanced partition of range(total).
+
+    Values, not out-pointers: Cython makes a prange variable thread-private
+    only when the loop body assigns it.
+    """
+    return (block * total) // n_blocks
