@@ -17,6 +17,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 DEBUG = os.environ.get("VGCORE_DEBUG", "") not in ("", "0")
 NO_OPENMP = os.environ.get("VGCORE_NO_OPENMP", "") not in ("", "0")
@@ -75,6 +76,18 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPy(build_py):
+    """Ships csrc's headers and CUDA source as vgcore/_csrc: the CuPy backend compiles them at run time."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "vgcore", "_csrc")
+        self.mkpath(target)
+        for name in sorted(os.listdir("csrc")):
+            if name.endswith((".h", ".cu")):
+                self.copy_file(os.path.join("csrc", name), os.path.join(target, name))
+
+
 HEADERS = ["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h", "csrc/vg_openmp.h"]
 
 
@@ -103,7 +116,7 @@ setup(
         },
         quiet=True,
     ),
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )
 if __name__ == "__main__" and len(sys.argv) == 1:
     print(__doc__)

@@ -131,6 +131,7 @@ VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation)(int kind, VG_
     return r;
 }
 
+#ifndef __CUDACC_RTC__ /* host-only: NVRTC (CuPy) compiles device code alone */
 /*
  * The CPU kernels' fused elementwise pass over a row-major block (rows, n):
  *     h[r, i] <- phi(h[r, i] + bias[i]),   derivative[r, i] <- phi'(h[r, i] + bias[i]).
@@ -170,3 +171,4 @@ static inline void VG_SFX(vg_bias_activation_block)(int kind, long rows, long n,
     }
 }
 #undef VG_BLOCK_CASE
+#endif /* __CUDACC_RTC__ */

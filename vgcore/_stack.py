@@ -153,8 +153,10 @@ class Stack:
         biases = sigma_b * rng.standard_normal((depth, width))
         weights, biases = weights.astype(dtype), biases.astype(dtype)
         if device == "cuda":
-            from vgcore._cuda import to_device
-
+            try:
+                from vgcore._cuda import to_device
+            except ImportError as error:
+                raise ValueError(f"device: 'cuda' is not available here ({error})") from error
             weights, biases = to_device(weights), to_device(biases)
         stack = cls(weights, biases, activation=activation, residual=residual, norm=norm)
         stack._init = init
