@@ -135,3 +135,19 @@ def assert_matches_reference(actual, reference, reference_low, *, dtype, relativ
     excess = np.abs(actual - reference) - bound
     assert np.all(excess <= 0), f"max excess {excess.max():.3g} over bound, max |diff| " \
         f"{np.abs(actual - reference).max():.3g}"
+
+
+def child_environment() -> dict[str, str]:
+    """Environment for a child Python process that must import the vgcore under test.
+
+    Puts the directory holding the imported vgcore package first on
+    PYTHONPATH: site-packages for an installed vgcore (CI), the checkout for
+    an in-place build.  Never the bare repository root of an installed run,
+    whose vgcore/ has no compiled kernels.  Use it with a neutral cwd, since
+    ``python -m`` puts the cwd first on sys.path.
+    """
+    import os
+    from pathlib import Path
+
+    home = str(Path(vg.__file__).resolve().parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import child_environment
 
 from vgcore import _bench
 
@@ -126,13 +125,10 @@ def test_gemm_flops_match_the_job():
     assert _bench.JOBS["sweep100"].flops == 100 * 3 * 100 * 2 * 16 * 64 * 64
 
 
-def test_runs_as_a_module():
-    root = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+def test_runs_as_a_module(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "vgcore._bench", "--quick", "--quiet", "--repeats", "1", "--jobs", "jacobian",
          "--no-torch", "--markdown"],
-        capture_output=True, text=True, env=env, timeout=300, check=False)
+        capture_output=True, text=True, env=child_environment(), cwd=tmp_path, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "| jacobian | cpu |" in completed.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import child_environment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from vgcore.sweep import load
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the NumPy reference: quickest for the tiny stacks here and unaffected by other processes' load
 SWEEP = ["sweep", "--depth", "6,9", "--width", "8", "--sigma-w", "0.5:2:4", "--sigma-b", "0:0.3:3",
@@ -114,16 +114,16 @@ def test_sweep_without_out_prints_csv(capsys):
 
 
 def test_python_dash_m_vgcore(tmp_path):
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    environment = child_environment()
     store = tmp_path / "store"
     done = subprocess.run([sys.executable, "-m", "vgcore", "sweep", "--depth", "4", "--width", "5",
                            "--sigma-w", "1,2", "--batch", "2", "--backend", "numpy", "--out", str(store)],
-                          env=environment, capture_output=True, text=True, timeout=120)
+                          env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 rows (2 computed now" in done.stderr
     assert len(load(store).frame) == 2
     bad = subprocess.run([sys.executable, "-m", "vgcore", "sweep", "--depth", "4", "--width", "5", "--bogus"],
-                         env=environment, capture_output=True, text=True, timeout=120)
+                         env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "unrecognized arguments: --bogus" in bad.stderr
 

@@ -17,6 +17,7 @@ import pandas.testing as pdt
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import child_environment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,6 @@ import _sweep_child as child
 # the module, not the function that vgcore may export under the same name
 sweep_module = importlib.import_module("vgcore.sweep")
 
-REPO = Path(__file__).resolve().parent.parent
 GRID = {"depth": [6, 9], "width": 8, "sigma_w": [0.9, 1.4], "sigma_b": [0.0, 0.2]}
 OTHER_GRID = {"depth": [6, 9], "width": 8, "sigma_w": [0.9, 1.4], "sigma_b": [0.0, 0.3]}
 # The store does not depend on the backend; the NumPy reference is the quickest for these tiny
@@ -65,9 +65,9 @@ def reference() -> pd.DataFrame:
 
 
 def _spawn(store: Path, *options: str) -> subprocess.Popen:
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, str(Path(child.__file__)), str(store), *options],
-                            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=child_environment(), cwd=store.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _kill_when(process: subprocess.Popen, ready, timeout: float = 60.0) -> None:
