@@ -12,7 +12,8 @@ machine falls on all of them alike:
 - ``per-parameter .norm()``: the usual way, a loop over the parameters
   calling ``p.grad.norm().item()`` after the backward pass, summed per block.
 
-Prints the median time of a step per variant and its ratio to ``bare``,
+Prints the median time of a step per variant, its ratio to ``bare``, and
+the median over rounds of the paired ratio (variant / bare within one round),
 all measured in this one run.  Usage::
 
     PYTHONPATH=. python bench/bench_monitor.py [--model transformer|mlp] [--steps 200]
@@ -119,10 +120,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; {args.steps} steps per variant, interleaved"
     )
     bare = statistics.median(times["bare"])
-    print(f"{'variant':<24}{'median step (ms)':>18}{'ratio to bare':>15}")
+    # paired: each round runs every variant once, back to back; the median of the per-round
+    # ratios is less sensitive to load that comes and goes than the ratio of the medians
+    print(f"{'variant':<24}{'median step (ms)':>18}{'ratio of medians':>18}{'median paired ratio':>21}")
     for name in names:
         median = statistics.median(times[name])
-        print(f"{name:<24}{median * 1e3:>18.3f}{median / bare:>15.3f}")
+        paired = statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
+        print(f"{name:<24}{median * 1e3:>18.3f}{median / bare:>18.3f}{paired:>21.3f}")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,36 @@ def test_zero_grad_after_backward_does_not_change_the_recorded_norm():
         np.testing.assert_allclose(monitor.history.iloc[0].to_numpy(), expected, rtol=1e-5)
 
 
+def test_fused_norms_of_mixed_dtypes_equal_plain_norms():
+    # the end-of-backward path that accelerator gradients take
+    generator = torch.Generator().manual_seed(14)
+    grads = [
+        torch.randn(7, 3, generator=generator),
+        torch.randn(5, generator=generator, dtype=torch.float64),
+        (300 * torch.randn(4, 4, generator=generator)).to(torch.bfloat16),
+        torch.full((4096,), 60000.0, dtype=torch.float16),  # its norm overflows float16
+    ]
+    norms = GradientMonitor._norms(grads)
+    assert norms.dtype == torch.float64
+    expected = [float(torch.linalg.vector_norm(g.double())) for g in grads]
+    np.testing.assert_allclose(norms.numpy(), expected, rtol=1e-5)  # float32 accumulation
+    assert math.isfinite(float(norms[3]))
+
+
+def test_sparse_embedding_gradient():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Linear(4, 1))
+    batch = torch.tensor([[1, 2, 2], [5, 1, 7]])
+    with GradientMonitor(model) as monitor:
+        loss = model(batch).pow(2).mean()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        assert model[0].weight.grad.is_sparse
+        monitor.step()
+        got = monitor.history.iloc[0].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_grad_scaler_norms_are_unscaled():
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
@@ -276,9 +306,10 @@ def test_close_removes_every_hook():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
     monitor = GradientMonitor(model, optimizer=optimizer)
-    watched = [p for ps in resolve_layers(model).values() for p in ps]
-    assert monitor.num_hooks == len(watched) + 1
-    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in watched)
+    layers = resolve_layers(model).values()
+    triggers = [p for ps in layers for p in (ps[0], ps[-1])]  # first and last of each layer
+    assert monitor.num_hooks == len(triggers) + 1  # and the optimizer's step post-hook
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in triggers)
     model(tokens(2)).sum().backward()
     optimizer.step()
     monitor.close()
@@ -288,7 +319,7 @@ def test_close_removes_every_hook():
     model(tokens(3)).sum().backward()
     optimizer.step()  # the step post-hook is gone too
     assert len(monitor.history) == rows == 1
-    assert not monitor._reached and not monitor._pass_indices
+    assert not monitor._reached and not monitor._callback_queued
     with pytest.raises(RuntimeError, match="closed"):
         monitor.step()
     monitor.close()  # idempotent
@@ -387,6 +418,21 @@ def test_layers_frozen_when_the_monitor_starts_are_watched_once_unfrozen():
         history = monitor.history.to_numpy()
     assert np.isnan(history[0, :2]).all()
     np.testing.assert_allclose(history[1], expected, rtol=1e-5)
+
+
+def test_layer_whose_hooked_parameters_are_frozen_is_still_measured():
+    torch.manual_seed(16)
+    model = Encoder(depth=3)
+    block = model.blocks[1]
+    for p in (block.norm.weight, block.norm.bias, block.linear.bias):  # its first and last parameters
+        p.requires_grad_(False)
+    with GradientMonitor(model) as monitor:
+        loss = model(tokens(8)).sum()
+        expected = reference_norms(model, loss, {"w": [block.linear.weight]})[0]
+        loss.backward()
+        monitor.step()
+        assert monitor.history["blocks.1"].iloc[0] == pytest.approx(expected, rel=1e-5)
+        assert expected > 0
 
 
 def test_dead_layer_is_dead_not_frozen():

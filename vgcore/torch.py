@@ -31,7 +31,6 @@ the first.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
@@ -284,24 +283,28 @@ class Finding:
 class GradientMonitor:
     """Per-layer gradient norms of a PyTorch model during training.
 
-    Each parameter gets a post-accumulate-grad hook
-    (``Tensor.register_post_accumulate_grad_hook``), which fires once its
-    ``.grad`` holds the gradient accumulated so far.  The first hook of a
-    backward pass queues one callback that runs when the pass ends; it
-    computes the norms of every gradient the pass accumulated in one fused
-    ``torch._foreach_norm`` on the gradients' device, and no host
-    synchronisation.  Being tensor-level, the hooks see exactly what the
-    optimizer will see: in-place activations (``nn.ReLU(inplace=True)``),
-    which break module backward hooks, do not matter.
+    The first and the last parameter of each layer get a post-accumulate-grad
+    hook (``Tensor.register_post_accumulate_grad_hook``), which fires once
+    that parameter's ``.grad`` holds the gradient accumulated so far.  The
+    first hook to fire in a backward pass queues one callback with the
+    autograd engine, which runs when the pass ends, once every gradient has
+    been accumulated; it takes the norms of all the watched parameters'
+    gradients in one fused ``torch._foreach_norm`` on their device and files
+    them there, with no host synchronisation.  Being tensor-level, the hooks
+    see exactly what the optimizer will see: in-place activations
+    (``nn.ReLU(inplace=True)``), which break module backward hooks, do not
+    matter.  (One hook per parameter would cost more than the norms
+    themselves on small CPU models; two per layer catch every backward pass
+    that reaches the layer.)
 
     A *step* ends when :meth:`step` is called, once per optimizer step, after
     the step's backward pass(es) and before the next step's first one (the
     usual place: right after ``optimizer.step()``); or automatically after
     every ``optimizer.step()`` when ``optimizer`` is given.  A step's norm of
-    a parameter is that of its gradient at the end of the step's last
-    backward pass that reached it: with gradient accumulation (several
-    backward passes per step), the norm of the summed gradient.  Gradients
-    zeroed or clipped after the backward passes do not change it.
+    a parameter is that of its ``.grad`` at the end of the step's last
+    backward pass: with gradient accumulation (several backward passes per
+    step), the norm of the summed gradient.  Gradients zeroed or clipped
+    after the backward passes do not change it.
 
     The step's per-layer norms are kept on the device and copied to the host
     in one transfer every ``every`` steps (and whenever :attr:`history`,
@@ -390,15 +393,16 @@ class GradientMonitor:
                 self._params.append(p)
                 self._layer_of.append(layer_index)
             self._layer_params.append(indices)
-        self._handles: list[Any] = [
-            _register_hook(p, functools.partial(self._on_grad, index)) for index, p in enumerate(self._params)
-        ]
+        # Trigger hooks on the first and last parameter of each layer only: the callback they
+        # queue measures every parameter, and a Python hook per parameter would cost more than
+        # the norms themselves on small CPU models (bench/bench_monitor.py).
+        triggers = sorted({i for indices in self._layer_params for i in (indices[0], indices[-1])})
+        self._handles: list[Any] = [_register_hook(self._params[i], self._on_grad) for i in triggers]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_args, **_kwargs: self.step()))
         self.steps = 0
         self._closed = False
         # per backward pass
-        self._pass_indices: list[int] = []
         self._callback_queued = False
         # per step (device tensors are created on first use, on the gradients' device)
         self._param_sq: torch.Tensor | None = None
@@ -414,8 +418,7 @@ class GradientMonitor:
 
     # -- hooks ------------------------------------------------------------
 
-    def _on_grad(self, index: int, param: torch.Tensor) -> None:
-        self._pass_indices.append(index)
+    def _on_grad(self, param: torch.Tensor) -> None:
         if not self._callback_queued:
             self._callback_queued = True
             try:
@@ -424,31 +427,33 @@ class GradientMonitor:
                 self._end_of_backward()
 
     def _end_of_backward(self) -> None:
-        indices = self._pass_indices
-        self._pass_indices = []
+        """Measure every watched gradient once the backward pass has accumulated them all."""
         self._callback_queued = False
-        if self._closed or not indices:
+        if self._closed:
             return
         with torch.no_grad():
-            dense: list[int] = []
+            measured: list[int] = []
             grads: list[torch.Tensor] = []
-            sparse_norms: dict[int, torch.Tensor] = {}
-            for i in indices:
-                grad = self._params[i].grad
-                if grad is None:
+            sparse: dict[int, torch.Tensor] = {}
+            for i, p in enumerate(self._params):
+                grad = p.grad
+                if grad is None or not p.requires_grad:
                     continue
                 if grad.is_sparse:
-                    sparse_norms[i] = torch.linalg.vector_norm(grad.coalesce().values().float())
+                    sparse[i] = torch.linalg.vector_norm(grad.coalesce().values(), dtype=_wide(grad.dtype))
                 else:
-                    dense.append(i)
+                    measured.append(i)
                     grads.append(grad)
-            norms = self._norms(grads)
-            if sparse_norms:
-                dense.extend(sparse_norms)
-                sparse = torch.stack(list(sparse_norms.values()))
-                norms = torch.cat([norms, sparse.to(norms.device, norms.dtype)]) if grads else sparse
-            if not dense:
+            if not grads and not sparse:
                 return
+            if grads:
+                norms = self._norms(grads)
+                if sparse:
+                    extra = torch.stack(list(sparse.values())).to(norms.device, norms.dtype)
+                    norms = torch.cat([norms, extra])
+            else:
+                norms = torch.stack(list(sparse.values()))
+            measured.extend(sparse)
             if self._scaler is not None and self._scaler.is_enabled():
                 scale = getattr(self._scaler, "_scale", None)
                 norms = norms / (
@@ -460,14 +465,17 @@ class GradientMonitor:
                 # float64 when the model's gradients are, else float32
                 self._param_sq = torch.zeros(len(self._params), dtype=norms.dtype, device=norms.device)
                 self._layer_index = torch.tensor(self._layer_of, device=norms.device)
-            key = tuple(dense)
-            gather = self._gather_cache.get(key)
-            if gather is None:
-                gather = torch.tensor(key, device=self._param_sq.device)
-                self._gather_cache[key] = gather
-            # the latest pass that reached a parameter holds its accumulated gradient: overwrite
-            self._param_sq.index_copy_(0, gather, norms.to(self._param_sq).square())
-            self._reached.update(dense)
+            squares = norms.to(self._param_sq).square()
+            if not sparse and len(measured) == len(self._params):  # the usual case: all, in order
+                self._param_sq.copy_(squares)
+            else:
+                key = tuple(measured)
+                gather = self._gather_cache.get(key)
+                if gather is None:
+                    gather = torch.tensor(key, device=self._param_sq.device)
+                    self._gather_cache[key] = gather
+                self._param_sq.index_copy_(0, gather, squares)
+            self._reached.update(measured)
 
     @staticmethod
     def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -476,8 +484,6 @@ class GradientMonitor:
         float64 gradients give float64 norms, all others float32 (half
         precision is accumulated in float32, where its norms cannot overflow).
         """
-        if not grads:
-            return torch.zeros(0, dtype=torch.float32)
         device = grads[0].device
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for position, grad in enumerate(grads):
@@ -485,8 +491,7 @@ class GradientMonitor:
         out_dtype = torch.float64 if any(dtype == torch.float64 for _, dtype in groups) else torch.float32
 
         def norms_of(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-            wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-            return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).to(device, out_dtype)
+            return torch.stack(torch._foreach_norm(tensors, 2, dtype=_wide(dtype))).to(device, out_dtype)
 
         if len(groups) == 1:
             return norms_of(grads, grads[0].dtype)
@@ -839,6 +844,11 @@ class GradientMonitor:
         state = "closed" if self._closed else f"{self.num_hooks} hooks"
         layers = len(self.layer_names)
         return f"GradientMonitor({layers} layers, {self.steps} steps, every={self.every}, {state})"
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm of ``dtype`` values is accumulated in: float64 stays, all else float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _register_hook(param: nn.Parameter, hook: Any) -> Any:
