@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pandas")
+from conftest import child_environment  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vgcore.torch import (  # noqa: E402
@@ -22,9 +23,6 @@ from vgcore.torch import (  # noqa: E402
     llrd_param_groups,
     resolve_layers,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # --------------------------------------------------------------------------
 # Models
@@ -90,18 +88,29 @@ def tokens(seed: int, batch: int = 16, length: int = 5, vocab: int = 11) -> torc
 # Import behaviour
 
 
-def test_import_vgcore_does_not_import_torch():
-    code = "import sys, vgcore; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+def run_child(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -c code`` importing the vgcore under test, from a neutral directory."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_environment(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_import_vgcore_does_not_import_torch(tmp_path):
+    out = run_child("import sys, vgcore; print('torch' in sys.modules)", tmp_path)
     assert out.stdout.strip() == "False"
 
 
-def test_import_without_torch_names_the_extra():
+def test_import_without_torch_names_the_extra(tmp_path):
     code = (
         "import sys\nsys.modules['torch'] = None\n"
         "try:\n    import vgcore.torch\nexcept ImportError as e:\n    print('ERR', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = run_child(code, tmp_path)
     assert out.stdout.startswith("ERR")
     assert "pip install vgcore[torch]" in out.stdout
 
