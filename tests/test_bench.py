@@ -19,7 +19,7 @@ from vgcore import _bench
 TOP_KEYS = {"schema", "date", "quick", "machine", "jobs", "results", "memory", "notes", "load_average_after"}
 MACHINE_KEYS = {"cpu", "cores", "threads", "platform", "python", "numpy", "scipy", "torch", "cupy", "vgcore",
                 "blas", "load_average"}
-JOB_KEYS = {"job", "what", "depth", "width", "batch", "configs", "flops"}
+JOB_KEYS = {"job", "what", "depth", "width", "batch", "configs", "flops", "other_load"}
 RESULT_KEYS = {"job", "backend", "median_s", "times_s", "repeats", "gflops", "vs_numpy", "vs_torch",
                "gemm_fraction", "max_abs_diff", "detail"}
 MEMORY_KEYS = {"job", "backend", "activations_bytes", "peak_traced_bytes", "traced_ratio", "peak_rss_bytes",

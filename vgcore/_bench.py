@@ -38,7 +38,9 @@ JSON (``--json FILE``) holds one object with the keys
   ``scipy``, ``torch``, ``cupy``, ``vgcore``, ``blas``, ``load_average``),
   ``load_average_after`` (the machine's load averages before and after);
 - ``jobs``: one object per job: ``job``, ``what``, ``depth``, ``width``,
-  ``batch``, ``configs``, ``flops``;
+  ``batch``, ``configs``, ``flops``, ``other_load`` (CPU time other
+  processes took during the job, a fraction of all cores; null where
+  /proc/stat is absent);
 - ``results``: one object per job and backend: ``job``, ``backend``,
   ``median_s``, ``times_s``, ``repeats``, ``gflops``, ``vs_numpy``,
   ``vs_torch``, ``gemm_fraction`` (null where the base did not run),
@@ -83,8 +85,8 @@ SWEEP_SIGMA_W = (0.5, 2.5)
 BACKENDS = ("cpu", "numpy", "cuda")
 #: Runners faster than this get one untimed run before each block of timed runs.
 SETTLE_BELOW_S = 1.0
-#: A 1-minute load average above this fraction of the cores gets a note that the machine was busy.
-BUSY_LOAD = 0.25
+#: Other processes' share of the cores above which a job gets a note that the machine was busy.
+BUSY_FRACTION = 0.05
 #: Order of the rows of a job in the table.
 SEGMENT_LABEL = "cpu seg=auto"
 ROW_ORDER = ("cpu", SEGMENT_LABEL, "cuda", "vg.sweep", "numpy", "torch", "gemm")
@@ -186,6 +188,41 @@ def _load_average() -> list[float] | None:
         return [round(load, 2) for load in os.getloadavg()]
     except OSError:
         return None
+
+
+class OtherLoad:
+    """CPU time other processes take while a block of code runs, as a fraction of the machine.
+
+    The machine's busy time (/proc/stat) minus this process's own CPU time
+    (all its threads), over wall time x cores: 0 on a quiet machine, 1 when
+    other processes could have had every core.  None where /proc/stat is absent.
+    """
+
+    def __enter__(self) -> OtherLoad:
+        self.fraction: float | None = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return
+        (busy0, own0, wall0), (busy1, own1, wall1) = self._start, end
+        capacity = (wall1 - wall0) * (os.cpu_count() or 1)
+        if capacity > 0:
+            self.fraction = min(1.0, max(0.0, ((busy1 - busy0) - (own1 - own0)) / capacity))
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:2])
+        return busy, own, time.monotonic()
 
 
 def vgcore_threads() -> int:
@@ -784,17 +821,18 @@ def run(options: Options) -> dict:
             document["jobs"].append({"job": job.name, "what": job.what, "depth": job.depth,
                                      "width": job.width, "batch": job.batch, "configs": job.configs,
                                      "flops": job.flops})
-            rows, memory_rows = run_job(job, options, notes)
+            with OtherLoad() as other_load:
+                rows, memory_rows = run_job(job, options, notes)
+            document["jobs"][-1]["other_load"] = other_load.fraction
             document["results"] += rows
             document["memory"] += memory_rows
     document["load_average_after"] = _load_average()
-    cores = document["machine"]["cores"] or 1
-    busiest = max((load[0] for load in (document["machine"]["load_average"], document["load_average_after"])
-                   if load), default=0.0)
-    if busiest > BUSY_LOAD * cores:
-        notes.append(f"machine busy (1-minute load average up to {busiest:.2f} on {cores} cores): other "
-                     "processes share the cores, and multi-threaded rows (OpenMP, BLAS, PyTorch) slow "
-                     "down far more than single-threaded ones; compare runs made on a quiet machine")
+    busy = [f"{job['job']} {job['other_load']:.0%}" for job in document["jobs"]
+            if job["other_load"] is not None and job["other_load"] > BUSY_FRACTION]
+    if busy:
+        notes.append(f"machine busy: other processes took {', '.join(busy)} of the cores during these "
+                     "jobs; multi-threaded rows (OpenMP, BLAS, PyTorch) slow down far more than "
+                     "single-threaded ones under load: compare runs made on a quiet machine")
     return document
 
 
@@ -878,6 +916,10 @@ def format_report(document: dict, *, markdown: bool = False) -> str:
              f"BLAS {machine['blas'] or '-'}; load average {_format_load(machine['load_average'])} "
              f"before, {_format_load(document.get('load_average_after'))} after",
              "", format_results(document, markdown=markdown)]
+    loads = [f"{job['job']} {job['other_load']:.0%}" for job in document["jobs"]
+             if job.get("other_load") is not None]
+    if loads:
+        parts += ["", f"Other processes' share of the cores during each job: {', '.join(loads)}."]
     if document["memory"]:
         parts += ["", "Peak memory of gradient_profile (warm-up run) against the stored activations:",
                   "", format_memory(document, markdown=markdown)]
