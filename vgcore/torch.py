@@ -293,9 +293,9 @@ class GradientMonitor:
     them there, with no host synchronisation.  Being tensor-level, the hooks
     see exactly what the optimizer will see: in-place activations
     (``nn.ReLU(inplace=True)``), which break module backward hooks, do not
-    matter.  (One hook per parameter would cost more than the norms
-    themselves on small CPU models; two per layer catch every backward pass
-    that reaches the layer.)
+    matter.  (A Python hook on every parameter added about 1% to a CPU
+    training step in bench/bench_monitor.py; two per layer catch every
+    backward pass that reaches the layer.)
 
     A *step* ends when :meth:`step` is called, once per optimizer step, after
     the step's backward pass(es) and before the next step's first one (the
@@ -394,8 +394,8 @@ class GradientMonitor:
                 self._layer_of.append(layer_index)
             self._layer_params.append(indices)
         # Trigger hooks on the first and last parameter of each layer only: the callback they
-        # queue measures every parameter, and a Python hook per parameter would cost more than
-        # the norms themselves on small CPU models (bench/bench_monitor.py).
+        # queue measures every parameter, and a Python call per parameter and backward pass
+        # costs about 1% of a small CPU training step (bench/bench_monitor.py).
         triggers = sorted({i for indices in self._layer_params for i in (indices[0], indices[-1])})
         self._handles: list[Any] = [_register_hook(self._params[i], self._on_grad) for i in triggers]
         if optimizer is not None:
