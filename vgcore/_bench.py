@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import importlib
 import importlib.util
@@ -164,8 +165,15 @@ def _cpu_model() -> str:
 
 
 def _version(module: str) -> str | None:
+    """An installed package's version, read from its metadata (without importing it) where possible."""
     if importlib.util.find_spec(module) is None:
         return None
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:  # e.g. cupy ships as cupy-cuda12x
+        pass
     try:
         return str(importlib.import_module(module).__version__)
     except Exception as error:  # a broken install is reported, not fatal
@@ -252,8 +260,20 @@ def machine_info() -> dict:
     }
 
 
+@functools.cache
+def torch_status() -> tuple[bool, str]:
+    """(whether PyTorch imports here, why not); imports it on the first call."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False, "PyTorch is not installed"
+    except Exception as error:  # a broken install is skipped, not fatal
+        return False, f"PyTorch does not import ({type(error).__name__}: {error})"
+    return True, ""
+
+
 def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    return torch_status()[0]
 
 
 def cuda_status() -> tuple[bool, str]:
@@ -737,12 +757,13 @@ def run_job(job: Job, options: Options, notes: list[str]) -> tuple[list[dict], l
         runners["numpy"] = vgcore_runner(problem, "numpy")
         details["numpy"] = "vgcore reference, backend='numpy'"
     if options.torch:
-        if torch_available():
+        available, why = torch_status()
+        if available:
             runners["torch"] = torch_runner(problem, threads)
             details["torch"] = f"torch {'func.jacrev' if job.kind == 'jacobian' else 'autograd'}, " \
                                f"{threads} threads"
-        elif "torch: skipped, PyTorch is not installed" not in notes:
-            notes.append("torch: skipped, PyTorch is not installed")
+        elif f"torch: skipped, {why}" not in notes:
+            notes.append(f"torch: skipped, {why}")
     if options.gemm:
         gemm = GemmBaseline(job, threads)
         runners["gemm"] = gemm
