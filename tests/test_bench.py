@@ -91,12 +91,25 @@ def test_job_selection_and_backend_choice(tmp_path, capsys):
     assert "medium" in capsys.readouterr().out
 
 
-def test_threads_option_holds_the_kernels_to_one_thread(tmp_path):
+def test_threads_option_holds_the_kernels_to_one_thread(tmp_path, threads_before):
     path = tmp_path / "threads.json"
     argv = ["--quick", "--quiet", "--repeats", "1", "--jobs", "deep_narrow", "--threads", "1", "--no-memory",
             "--json", str(path)]
     assert _bench.main(argv) == 0
     assert json.loads(path.read_text())["machine"]["threads"] == 1
+    if _bench.torch_available():  # the torch rows set its thread count; the run puts it back
+        import torch
+
+        assert torch.get_num_threads() == threads_before
+
+
+@pytest.fixture
+def threads_before():
+    if not _bench.torch_available():
+        return None
+    import torch
+
+    return torch.get_num_threads()
 
 
 def test_cuda_is_skipped_with_a_note_where_absent(tmp_path):

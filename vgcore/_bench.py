@@ -260,15 +260,20 @@ def machine_info() -> dict:
     }
 
 
+#: PyTorch's thread count when the benchmark first imported it.
+_TORCH_THREADS_AT_IMPORT: list[int] = []
+
+
 @functools.cache
 def torch_status() -> tuple[bool, str]:
     """(whether PyTorch imports here, why not); imports it on the first call."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         return False, "PyTorch is not installed"
     except Exception as error:  # a broken install is skipped, not fatal
         return False, f"PyTorch does not import ({type(error).__name__}: {error})"
+    _TORCH_THREADS_AT_IMPORT.append(torch.get_num_threads())
     return True, ""
 
 
@@ -841,7 +846,7 @@ def run(options: Options) -> dict:
     }
     if options.memory and sys.platform.startswith("linux") and not _reset_peak_rss():
         notes.append("memory: peak RSS not measurable here (/proc/self/clear_refs)")
-    with _threads_limited(options.threads):
+    with _threads_limited(options.threads), _torch_threads_restored():
         document["machine"]["threads"] = vgcore_threads()
         for name in options.jobs:
             job = table[name]
@@ -861,6 +866,21 @@ def run(options: Options) -> dict:
                      "jobs; multi-threaded rows (OpenMP, BLAS, PyTorch) slow down far more than "
                      "single-threaded ones under load: compare runs made on a quiet machine")
     return document
+
+
+@contextlib.contextmanager
+def _torch_threads_restored():
+    """PyTorch's thread count as it was (the torch rows set it), for callers in the same process."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if before is None and _TORCH_THREADS_AT_IMPORT:
+            before = _TORCH_THREADS_AT_IMPORT[0]
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
 
 
 def _threads_limited(threads: int | None):
