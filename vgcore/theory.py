@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import numpy as np
 from scipy import optimize
 
-from vgcore._activations import ACTIVATIONS, LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE, activation
+from vgcore._activations import LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE, activation
+from vgcore._validation import check_activation, check_real
 
 __all__ = ["c_map", "chi1", "critical_sigma_w", "depth_scales", "fixed_point", "q_map"]
 
@@ -228,31 +228,8 @@ def _moments(name: str, q: float) -> _Moments:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_activation(name: object) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"activation: expected a str, got {type(name).__name__}")
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
-    return name
-
-
-def _check_real(value: object, argument: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{argument}: must be finite, got {value!r}")
-    return value
-
-
 def _check_sigmas(sigma_w: object, sigma_b: object) -> tuple[float, float]:
-    sigma_w = _check_real(sigma_w, "sigma_w")
-    if sigma_w <= 0.0:
-        raise ValueError(f"sigma_w: must be > 0, got {sigma_w!r}")
-    sigma_b = _check_real(sigma_b, "sigma_b")
-    if sigma_b < 0.0:
-        raise ValueError(f"sigma_b: must be >= 0, got {sigma_b!r}")
-    return sigma_w, sigma_b
+    return check_real(sigma_w, "sigma_w", positive=True), check_real(sigma_b, "sigma_b", minimum=0.0)
 
 
 # --------------------------------------------------------------------------- the variance map
@@ -382,8 +359,8 @@ def q_map(activation: str, q: float, sigma_w: float, sigma_b: float) -> float:
         If ``activation`` is unknown or a number is out of range; the message
         names the argument.
     """
-    name = _check_activation(activation)
-    q = _check_real(q, "q")
+    name = check_activation(activation)
+    q = check_real(q, "q")
     if q < 0.0:
         raise ValueError(f"q: must be >= 0, got {q!r}")
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
@@ -438,7 +415,7 @@ def fixed_point(activation: str, sigma_w: float, sigma_b: float) -> float:
         If ``activation`` is unknown, ``sigma_w`` is not finite and > 0, or
         ``sigma_b`` is not finite and >= 0; the message names the argument.
     """
-    name = _check_activation(activation)
+    name = check_activation(activation)
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
     return _solve(name, sigma_w, sigma_b).q_star
 
@@ -479,7 +456,7 @@ def chi1(activation: str, sigma_w: float, sigma_b: float) -> float:
         If ``activation`` is unknown or a number is out of range; the message
         names the argument.
     """
-    name = _check_activation(activation)
+    name = check_activation(activation)
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
     return 1.0 + _solve(name, sigma_w, sigma_b).chi1_minus_1
 
@@ -611,7 +588,7 @@ def depth_scales(activation: str, sigma_w: float, sigma_b: float) -> tuple[float
         If ``activation`` is unknown or a number is out of range; the message
         names the argument.
     """
-    name = _check_activation(activation)
+    name = check_activation(activation)
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
     solution = _solve(name, sigma_w, sigma_b)
     if math.isinf(solution.q_star):
@@ -655,8 +632,8 @@ def c_map(activation: str, c: float, sigma_w: float, sigma_b: float, q: float | 
         names the argument), or if ``q`` is omitted where ``q*`` is 0 or
         infinite (the message names ``q``).
     """
-    name = _check_activation(activation)
-    c = _check_real(c, "c")
+    name = check_activation(activation)
+    c = check_real(c, "c")
     if not -1.0 <= c <= 1.0:
         raise ValueError(f"c: must lie in [-1, 1], got {c!r}")
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
@@ -665,7 +642,7 @@ def c_map(activation: str, c: float, sigma_w: float, sigma_b: float, q: float | 
         if not 0.0 < q < math.inf:
             raise ValueError(f"q: the fixed point q* is {q!r}; pass a finite q > 0")
     else:
-        q = _check_real(q, "q")
+        q = check_real(q, "q")
         if q <= 0.0:
             raise ValueError(f"q: must be > 0, got {q!r}")
     value, _ = _pair_moments(name, q, c)
@@ -754,8 +731,5 @@ def critical_sigma_w(activation: str, sigma_b: float) -> float:
         fixed point ``q*`` reached from ``q0 = 1`` jumps (gelu and silu with
         ``sigma_b = 0``, where ``q*`` jumps from 0 to infinity).
     """
-    name = _check_activation(activation)
-    sigma_b = _check_real(sigma_b, "sigma_b")
-    if sigma_b < 0.0:
-        raise ValueError(f"sigma_b: must be >= 0, got {sigma_b!r}")
-    return _critical(name, sigma_b)
+    name = check_activation(activation)
+    return _critical(name, check_real(sigma_b, "sigma_b", minimum=0.0))
