@@ -223,6 +223,17 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
     return Profile(chi_theory=stack.chi_theory, config=stack.config(), **result)
 
 
+def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, out: Any, backend: Any):
+    """Validation and dispatch shared by jvp and vjp; ``name`` is the vectors' argument name."""
+    stack = _check_stack(stack)
+    backend = check.check_backend(backend)
+    x = _check_batch(stack, x)
+    vectors = _check_vectors(stack, vectors, x.shape[0], name)
+    shape = (x.shape[0], vectors.shape[-2], stack.width)
+    out = check.check_out(out, shape, stack.dtype, (x, vectors, stack.weights, stack.biases))
+    return getattr(_backend(backend, stack), kind)(stack, x, vectors, out)
+
+
 def jvp(stack: Stack, x: Any, tangents: Any, *, out: Any = None, backend: str = "auto"):
     """Jacobian-vector products J(x_b) v of the stack's input-output map.
 
@@ -240,13 +251,7 @@ def jvp(stack: Stack, x: Any, tangents: Any, *, out: Any = None, backend: str = 
     ndarray, shape (B, k, n)
         ``out[b, j] = J(x_b) tangents[b, j]``.
     """
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    tangents = _check_vectors(stack, tangents, x.shape[0], "tangents")
-    shape = (x.shape[0], tangents.shape[-2], stack.width)
-    out = check.check_out(out, shape, stack.dtype, (x, tangents, stack.weights, stack.biases))
-    return _backend(backend, stack).jvp(stack, x, tangents, out)
+    return _jacobian_product("jvp", stack, x, tangents, "tangents", out, backend)
 
 
 def vjp(stack: Stack, x: Any, cotangents: Any, *, out: Any = None, backend: str = "auto"):
@@ -266,13 +271,7 @@ def vjp(stack: Stack, x: Any, cotangents: Any, *, out: Any = None, backend: str 
     ndarray, shape (B, k, n)
         ``out[b, j] = J(x_b)^T cotangents[b, j]``.
     """
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    cotangents = _check_vectors(stack, cotangents, x.shape[0], "cotangents")
-    shape = (x.shape[0], cotangents.shape[-2], stack.width)
-    out = check.check_out(out, shape, stack.dtype, (x, cotangents, stack.weights, stack.biases))
-    return _backend(backend, stack).vjp(stack, x, cotangents, out)
+    return _jacobian_product("vjp", stack, x, cotangents, "cotangents", out, backend)
 
 
 def jacobian(stack: Stack, x: Any, *, out: Any = None, backend: str = "auto"):
