@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
+from vgcore import _reference, _reference_spectra
 
 # Deterministic by default (CI): derandomised, no example database, no deadline.
 # VGCORE_HYPOTHESIS=thorough explores more (and randomly) for local runs.
@@ -151,3 +152,107 @@ def child_environment() -> dict[str, str]:
 
     home = str(Path(vg.__file__).resolve().parent.parent)
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
+
+
+def assert_profile_matches_reference(profile, stack: vg.Stack, x, grad_output) -> None:
+    """A backend's gradient profile (host arrays) against the reference.
+
+    Log norms as assert_matches_reference.  Saturation and dead units exactly
+    in float64; in float32 a unit whose phi'(h) sits at the threshold may
+    round either way, and one unit per layer may flip dead where a
+    pre-activation rounds across 0 (compared for the relu family only, whose
+    zeros are exact; smooth activations underflow to 0 at dtype-dependent
+    points).  Always: a dead unit is saturated on every sample.
+    """
+    low, high = references(vg.gradient_profile, stack, x, grad_output)
+    assert profile.log_grad_norm.shape == (x.shape[0], stack.depth + 1)
+    for field in ("log_grad_norm", "log_weight_grad_norm"):
+        assert_matches_reference(getattr(profile, field), getattr(high, field), getattr(low, field),
+                                 dtype=stack.dtype)
+    cells = x.shape[0] * stack.width
+    if stack.dtype == np.float64:
+        np.testing.assert_array_equal(profile.saturation, high.saturation)
+        np.testing.assert_array_equal(profile.dead, high.dead)
+    else:
+        assert np.abs(profile.saturation - low.saturation).max() <= 2.0 / cells + 0.02
+        if stack.activation in ("relu", "linear", "leaky_relu"):
+            assert np.abs(profile.dead - low.dead).max() <= 1.0 / stack.width + 1e-12
+    assert np.all(profile.dead * cells <= profile.saturation * cells + 1e-9)
+
+
+# Directions and samples whose Jacobian products a problem determines at its precision
+# (shared by the CPU and GPU spectra tests).
+
+# Activations whose derivative jumps at 0: a pre-activation that rounding moves across 0 changes J.
+KINKED = ("relu", "leaky_relu", "selu")
+
+
+def kinks_determined(stack, x):
+    """(B,) mask: samples whose Jacobian no rounding of the forward pass can switch.
+
+    relu, leaky_relu and selu have a derivative that jumps at 0, so a
+    pre-activation closer to 0 than the forward pass's rounding error picks
+    one of two Jacobians at random.  The error is probed as in
+    conftest.references (float32 against float64, scaled to the stack's eps)
+    and a sample counts when every |h| is over 10 times it.
+    """
+    batch = x.shape[0]
+    if stack.activation not in KINKED:
+        return np.ones(batch, bool)
+    scale = np.finfo(stack.dtype).eps / np.finfo(np.float32).eps
+    pre_activations = []
+    for dtype in (np.float32, np.float64):
+        probe = recast(stack, dtype)
+        _, caches = _reference.forward_with_caches(probe.weights, probe.biases, np.asarray(x, dtype),
+                                                   probe.activation, probe.residual, probe.norm)
+        pre_activations.append([np.asarray(cache.u, np.float64) @ np.asarray(weight, np.float64).T + bias
+                                for cache, weight, bias in zip(caches, stack.weights, stack.biases,
+                                                               strict=True)])
+    ok = np.ones(batch, bool)
+    for low, high in zip(*pre_activations, strict=True):
+        error = np.abs(low - high).max(axis=1) * scale
+        ok &= np.abs(high).min(axis=1) > 10 * error
+    return ok
+
+
+def layer_jacobians(stack, x):
+    """Each layer's own Jacobian J_l(x_{l-1}), (L, B, n, n), through one-layer stacks."""
+    _, caches = _reference.forward_with_caches(stack.weights, stack.biases, x, stack.activation,
+                                               stack.residual, stack.norm)
+    inputs = [x] + [cache.out for cache in caches[:-1]]
+    return np.stack([
+        vg.jacobian(vg.Stack(stack.weights[l:l + 1], stack.biases[l:l + 1], activation=stack.activation,
+                             residual=stack.residual, norm=stack.norm), inputs[l], backend="numpy")
+        for l in range(stack.depth)
+    ])
+
+
+def determined_directions(stack, x, k, low, high):
+    """(B, k) mask: the directions whose growth the problem fixes at the stack's precision.
+
+    (1) The probes (growth_references) agree with the float64 reference to
+    1 %: the error has not saturated, so conftest's bound, linear in the
+    probes' gap, applies.  (2) No rounding floor: QR measures a direction's
+    growth r |J_l|_2 at layer l (J_l the layer's Jacobian) with a relative
+    rounding error of about n eps / r.  Where r < 1e3 n eps (r = 0 up to
+    rounding where a layer maps the direction to zero: a layer norm's null
+    space, dead relu units, k above the Jacobian's rank) the value is decided
+    by rounding and no two codes agree on it (nor on whether it is exactly 0,
+    -inf); Householder QR then leaves column i of Q arbitrary, and with it
+    every later direction at that layer and after.  Measured on the float64
+    reference against the stack's eps.  (3) The sample's kinks are
+    determined (kinks_determined).
+    """
+    finite = np.isfinite(high) & np.isfinite(low)
+    gap = np.abs(np.where(finite, low, 0.0) - np.where(finite, high, 0.0))
+    agree = finite & (gap <= 1e-2 * np.maximum(1.0, np.abs(high)))
+    exact = recast(stack, np.float64)
+    x = np.asarray(x, np.float64)
+    per_layer = _reference_spectra.lyapunov_log_growth(exact.weights, exact.biases, x, k, exact.activation,
+                                                       exact.residual, exact.norm, per_layer=True)
+    norms = np.linalg.norm(layer_jacobians(exact, x), ord=2, axis=(2, 3))  # (L, B)
+    with np.errstate(divide="ignore"):
+        floor = np.log(1e3 * stack.width * np.finfo(stack.dtype).eps * norms)
+    noisy = ~(per_layer > floor[:, :, None])  # (L, B, k); -inf and 0 / 0 count as noisy
+    above_floor = ~np.logical_or.accumulate(noisy.any(axis=0), axis=1)
+    return agree & above_floor & kinks_determined(stack, x)[:, None]

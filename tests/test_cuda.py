@@ -15,12 +15,20 @@ import importlib
 
 import numpy as np
 import pytest
-from conftest import CUDA, assert_matches_reference, recast, references, requires_cuda, stack_cases
+from conftest import (
+    CUDA,
+    assert_matches_reference,
+    assert_profile_matches_reference,
+    determined_directions,
+    references,
+    requires_cuda,
+    stack_cases,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference, _reference_spectra, spectra
+from vgcore import _reference, spectra
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
 
 # The host cases repeat what test_kernels checks at length; the device cases are the point.
@@ -82,22 +90,9 @@ def test_gradient_profile_matches_reference(xp, case):
     assert_lives_in(xp, profile.log_grad_norm, profile.log_weight_grad_norm, profile.saturation,
                     profile.dead)
     profile = profile.to_numpy()
-    low, high = references(vg.gradient_profile, stack, x, g)
-    assert profile.log_grad_norm.shape == (x.shape[0], stack.depth + 1)
     for field in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
         assert getattr(profile, field).dtype == np.float64
-    for field in ("log_grad_norm", "log_weight_grad_norm"):
-        assert_matches_reference(getattr(profile, field), getattr(high, field), getattr(low, field),
-                                 dtype=stack.dtype)
-    cells = x.shape[0] * stack.width
-    if stack.dtype == np.float64:
-        np.testing.assert_array_equal(profile.saturation, high.saturation)
-        np.testing.assert_array_equal(profile.dead, high.dead)
-    else:
-        # a unit whose phi'(h) sits at the threshold may round either way in float32
-        assert np.abs(profile.saturation - low.saturation).max() <= 2.0 / cells + 0.02
-        if stack.activation in ("relu", "linear", "leaky_relu"):  # exact zeros, no underflow
-            assert np.abs(profile.dead - low.dead).max() <= 1.0 / stack.width + 1e-12
+    assert_profile_matches_reference(profile, stack, x, g)
 
 
 @settings(max_examples=EXAMPLES)
@@ -164,37 +159,6 @@ def test_batched_profiles_equal_one_by_one(xp, cases):
 # ---------------------------------------------------------------------------
 # Spectra: the CuPy backend's against vgcore.spectra's NumPy reference
 # ---------------------------------------------------------------------------
-
-def determined_directions(stack, x, k, low, high):
-    """(B, k) mask: the directions whose log growth the problem fixes at the stack's precision.
-
-    The float32 probe agrees with the float64 reference to 1 %, and no layer
-    measured this direction or an earlier one at QR's rounding floor: a
-    direction's growth r at layer l carries an absolute rounding error of
-    about n eps |J_l|_2, so where a layer maps it to (nearly) zero (a layer
-    norm's null space, dead relu units, k above the rank) the value is noise
-    and the later columns of Q are arbitrary (tests/test_spectra.py argues
-    the same for the CPU kernels).
-    """
-    finite = np.isfinite(high) & np.isfinite(low)
-    gap = np.abs(np.where(finite, low, 0.0) - np.where(finite, high, 0.0))
-    agree = finite & (gap <= 1e-2 * np.maximum(1.0, np.abs(high)))
-    exact = recast(stack, np.float64)
-    x = np.asarray(x, np.float64)
-    per_layer = _reference_spectra.lyapunov_log_growth(exact.weights, exact.biases, x, k, exact.activation,
-                                                       exact.residual, exact.norm, per_layer=True)
-    norms = []  # (L, B): |J_l|_2 of every layer at every sample
-    identity = np.broadcast_to(np.eye(stack.width), (x.shape[0], stack.width, stack.width))
-    for weight, bias in zip(exact.weights, exact.biases, strict=True):
-        x, cache = _reference.layer_forward(weight, bias, x, exact.activation, exact.residual, exact.norm)
-        jacobians = _reference.layer_jvp(weight, cache, np.ascontiguousarray(identity), exact.residual,
-                                         exact.norm)
-        norms.append(np.linalg.norm(jacobians, ord=2, axis=(1, 2)))
-    with np.errstate(divide="ignore"):
-        floor = np.log(1e3 * stack.width * np.finfo(stack.dtype).eps * np.array(norms))
-    noisy = ~(per_layer > floor[:, :, None])  # -inf and nan count as noisy
-    return agree & ~np.logical_or.accumulate(noisy.any(axis=0), axis=1)
-
 
 @requires_cuda
 @settings(max_examples=EXAMPLES // 2)

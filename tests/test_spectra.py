@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, CUDA, assert_matches_reference, recast, references, stack_cases
+from conftest import (
+    BACKENDS,
+    CUDA,
+    assert_matches_reference,
+    determined_directions,
+    kinks_determined,
+    layer_jacobians,
+    references,
+    stack_cases,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import digamma, polygamma
 from threadpoolctl import threadpool_limits
 
 import vgcore as vg
-from vgcore import _reference, _reference_spectra, spectra
+from vgcore import spectra
 from vgcore.spectra import lyapunov_exponents, singular_values
 
 # Activations whose derivative vanishes only on a null set (no relu: dead units make J singular).
@@ -56,72 +65,9 @@ def growth_references(stack, x, k):
     return np.where(take, moved, low), high
 
 
-def determined_directions(stack, x, k, low, high):
-    """(B, k) mask: the directions whose growth the problem fixes at the stack's precision.
-
-    (1) The probes (growth_references) agree with the float64 reference to
-    1 %: the error has not saturated, so conftest's bound, linear in the
-    probes' gap, applies.  (2) No rounding floor: QR measures a direction's
-    growth r |J_l|_2 at layer l (J_l the layer's Jacobian) with a relative
-    rounding error of about n eps / r.  Where r < 1e3 n eps (r = 0 up to
-    rounding where a layer maps the direction to zero: a layer norm's null
-    space, dead relu units, k above the Jacobian's rank) the value is decided
-    by rounding and no two codes agree on it (nor on whether it is exactly 0,
-    -inf); Householder QR then leaves column i of Q arbitrary, and with it
-    every later direction at that layer and after.  Measured on the float64
-    reference against the stack's eps.  (3) The sample's kinks are
-    determined (kinks_determined).
-    """
-    finite = np.isfinite(high) & np.isfinite(low)
-    gap = np.abs(np.where(finite, low, 0.0) - np.where(finite, high, 0.0))
-    agree = finite & (gap <= 1e-2 * np.maximum(1.0, np.abs(high)))
-    exact = recast(stack, np.float64)
-    x = np.asarray(x, np.float64)
-    per_layer = _reference_spectra.lyapunov_log_growth(exact.weights, exact.biases, x, k, exact.activation,
-                                                       exact.residual, exact.norm, per_layer=True)
-    norms = np.linalg.norm(_layer_jacobians(exact, x), ord=2, axis=(2, 3))  # (L, B)
-    with np.errstate(divide="ignore"):
-        floor = np.log(1e3 * stack.width * np.finfo(stack.dtype).eps * norms)
-    noisy = ~(per_layer > floor[:, :, None])  # (L, B, k); -inf and 0 / 0 count as noisy
-    above_floor = ~np.logical_or.accumulate(noisy.any(axis=0), axis=1)
-    return agree & above_floor & kinks_determined(stack, x)[:, None]
-
-
 # ---------------------------------------------------------------------------
 # Compiled == reference
 # ---------------------------------------------------------------------------
-
-# Activations whose derivative jumps at 0: a pre-activation that rounding moves across 0 changes J.
-KINKED = ("relu", "leaky_relu", "selu")
-
-
-def kinks_determined(stack, x):
-    """(B,) mask: samples whose Jacobian no rounding of the forward pass can switch.
-
-    relu, leaky_relu and selu have a derivative that jumps at 0, so a
-    pre-activation closer to 0 than the forward pass's rounding error picks
-    one of two Jacobians at random.  The error is probed as in
-    conftest.references (float32 against float64, scaled to the stack's eps)
-    and a sample counts when every |h| is over 10 times it.
-    """
-    batch = x.shape[0]
-    if stack.activation not in KINKED:
-        return np.ones(batch, bool)
-    scale = np.finfo(stack.dtype).eps / np.finfo(np.float32).eps
-    pre_activations = []
-    for dtype in (np.float32, np.float64):
-        probe = recast(stack, dtype)
-        _, caches = _reference.forward_with_caches(probe.weights, probe.biases, np.asarray(x, dtype),
-                                                   probe.activation, probe.residual, probe.norm)
-        pre_activations.append([np.asarray(cache.u, np.float64) @ np.asarray(weight, np.float64).T + bias
-                                for cache, weight, bias in zip(caches, stack.weights, stack.biases,
-                                                               strict=True)])
-    ok = np.ones(batch, bool)
-    for low, high in zip(*pre_activations, strict=True):
-        error = np.abs(low - high).max(axis=1) * scale
-        ok &= np.abs(high).min(axis=1) > 10 * error
-    return ok
-
 
 @settings(max_examples=40)
 @given(stack_cases(max_depth=20, max_width=24, max_batch=3))
@@ -204,18 +150,6 @@ def test_a_dead_layer_gives_minus_infinity():
 # Exact identities against independent computations
 # ---------------------------------------------------------------------------
 
-def _layer_jacobians(stack, x):
-    """Each layer's own Jacobian J_l(x_{l-1}), (L, B, n, n), through one-layer stacks."""
-    _, caches = _reference.forward_with_caches(stack.weights, stack.biases, x, stack.activation,
-                                               stack.residual, stack.norm)
-    inputs = [x] + [cache.out for cache in caches[:-1]]
-    return np.stack([
-        vg.jacobian(vg.Stack(stack.weights[l:l + 1], stack.biases[l:l + 1], activation=stack.activation,
-                             residual=stack.residual, norm=stack.norm), inputs[l], backend="numpy")
-        for l in range(stack.depth)
-    ])
-
-
 @settings(max_examples=30)
 @given(stack_cases(max_depth=6, max_width=12, max_batch=3, dtypes=[np.float64], activations=SMOOTH),
        st.sampled_from(BACKENDS))
@@ -232,7 +166,7 @@ def test_exponents_sum_to_the_log_determinant(case, backend):
         stack = vg.Stack(stack.weights, stack.biases, activation=stack.activation, residual=stack.residual)
     exponents = lyapunov_exponents(stack, x, backend=backend)
     sign, log_det = np.linalg.slogdet(vg.jacobian(stack, x, backend="numpy"))
-    per_layer = np.linalg.slogdet(_layer_jacobians(stack, x))[1].sum(axis=0)
+    per_layer = np.linalg.slogdet(layer_jacobians(stack, x))[1].sum(axis=0)
     assert np.all(sign != 0)
     total = exponents.sum(axis=1) * stack.depth
     scale = 1.0 + np.abs(stack.depth * exponents).sum(axis=1)
