@@ -88,21 +88,24 @@ class BuildPy(build_py):
                 self.copy_file(os.path.join("csrc", name), os.path.join(target, name))
 
 
-HEADERS = ["csrc/vg_activations.h", "csrc/vg_activation_body.h", "csrc/vg_stack.h", "csrc/vg_openmp.h"]
+HEADERS = sorted(os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith(".h"))
 
 
 def _extension(name: str) -> Extension:
-    """A compiled module of vgcore: the csrc headers and the shared layer code in _layers.pxd."""
+    """A module of the compiled tier, vgcore/_ext: the csrc headers and the shared .pxd files."""
     return Extension(
-        f"vgcore.{name}",
-        [f"vgcore/{name}.pyx"],
+        f"vgcore._ext.{name}",
+        [f"vgcore/_ext/{name}.pyx"],
         include_dirs=["csrc", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=[*HEADERS, "vgcore/_layers.pxd"],
+        depends=[*HEADERS, *(os.path.join("vgcore", "_ext", f) for f in os.listdir("vgcore/_ext")
+                             if f.endswith(".pxd"))],
     )
 
 
-extensions = [_extension("_kernels"), _extension("_spectra")]
+#: The compiled tier (vgcore/_ext); a new kernel module is one more name here.
+EXTENSION_MODULES = ["_kernels", "_spectra"]
+extensions = [_extension(name) for name in EXTENSION_MODULES]
 
 setup(
     ext_modules=cythonize(
@@ -113,6 +116,7 @@ setup(
             "wraparound": False,
             "cdivision": True,
             "initializedcheck": DEBUG,
+            "nonecheck": False,
         },
         quiet=True,
     ),

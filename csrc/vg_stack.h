@@ -5,7 +5,9 @@
 /* LN(v) = (v - mean(v)) / sqrt(var(v) + VG_LAYER_NORM_EPS), no affine parameters. */
 #define VG_LAYER_NORM_EPS 1e-5
 
-/* Where the layer norm sits (DESIGN.md): none, before the linear map, after the residual sum. */
-enum { VG_NORM_NONE = 0, VG_NORM_PRE = 1, VG_NORM_POST = 2 };
+/* Where the normalisation sits (docs/ARCHITECTURE.md): none, a layer norm before the linear map or
+   after the residual sum, or a batch norm of the pre-activations.  Python's twin:
+   vgcore._activations.NORM_CODES (tests/test_constants.py holds them equal). */
+enum { VG_NORM_NONE = 0, VG_NORM_PRE = 1, VG_NORM_POST = 2, VG_NORM_BATCH = 3 };
 
 #endif

@@ -2,7 +2,7 @@
 
 Each test runs on host arrays (backend "auto" runs the compiled CPU kernels)
 and, where CuPy imports and a GPU is visible, on CuPy arrays (backend "auto"
-runs vgcore._cuda); the cupy cases skip cleanly elsewhere.  Results must equal
+runs vgcore.backends.cuda_stack); the cupy cases skip cleanly elsewhere.  Results must equal
 the reference as the CPU kernels must (float64 1e-10, float32 1e-4 where the
 problem allows: conftest.assert_matches_reference) and stay on the device of
 the inputs.  Without a usable GPU, the tests that the "cuda" backend is
@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference, spectra
+from vgcore import _reference
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
 
 # The host cases repeat what test_kernels checks at length; the device cases are the point.
@@ -63,7 +63,7 @@ def assert_lives_in(xp, *arrays) -> None:
 
 
 def cuda_module():
-    return importlib.import_module("vgcore._cuda")
+    return importlib.import_module("vgcore.backends.cuda_stack")
 
 
 # ---------------------------------------------------------------------------
@@ -146,11 +146,11 @@ def test_batched_profiles_equal_one_by_one(xp, cases):
     stacks = [on(xp, stack) for stack, _ in cases]
     xs = [xp.asarray(x) for _, x in cases]
     gs = [xp.asarray(vg._api.default_grad_output(stack, x.shape[0])) for stack, x in cases]
-    implementation = vg._api._backend("auto", stacks[0])
-    batched = implementation.gradient_profiles(stacks, xs, gs)
+    implementation = vg.backends.implementation(stacks[0], "auto")
+    batched = implementation.gradient_profiles([s.bind(x) for s, x in zip(stacks, xs, strict=True)], gs)
     assert len(batched) == len(stacks)
     for stack, x, g, result in zip(stacks, xs, gs, batched, strict=True):
-        single = implementation.gradient_profile(stack, x, g)
+        single = implementation.gradient_profile(stack.bind(x), g, None)
         for key in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
             assert_lives_in(xp, result[key])
             np.testing.assert_allclose(host(result[key]), host(single[key]), rtol=1e-12, atol=0)
@@ -186,7 +186,7 @@ def test_spectra_match_reference(case, k):
     # the log growth against vgcore.spectra's reference, on the directions the problem determines
 
     def log_growth(stack, x, *, backend):
-        return spectra._log_growth(stack, np.ascontiguousarray(x, stack.dtype), k, backend)
+        return vg.backends.implementation(stack, backend).lyapunov_log_growth(stack.bind(x), k)
 
     low, high = references(log_growth, stack, x)
     growth = host(growth)
@@ -362,7 +362,7 @@ def test_activation_header_on_the_gpu_matches_numpy_twin(name, dtype):
 @pytest.mark.skipif(CUDA, reason="CuPy and a GPU are usable here")
 def test_cuda_backend_is_refused_with_its_reason():
     with pytest.raises(ImportError, match="CuPy"):
-        importlib.import_module("vgcore._cuda")
+        importlib.import_module("vgcore.backends.cuda_stack")
     stack = vg.Stack.random(3, 4, seed=0)
     x = vg.random_inputs(stack, 2, seed=1)
     with pytest.raises(ValueError, match=r"^backend: 'cuda' is not available here \(.*CuPy"):

@@ -2,15 +2,15 @@
 
 - the activation header, both twins of every activation, inside a __global__
   kernel, with nvcc;
-- csrc/vg_cuda_kernels.cu with every kernel vgcore/_cuda.py instantiates
+- csrc/vg_cuda_kernels.cu with every kernel vgcore/backends/cuda_stack.py instantiates
   (float and double), with nvcc;
 - the same file exactly as CuPy's RawModule builds it at run time: NVRTC, with
-  _cuda.py's options and name expressions.  NVRTC is stricter than nvcc (it
+  cuda_stack.py's options and name expressions.  NVRTC is stricter than nvcc (it
   refuses host functions), so this is the check that matters most; it runs
   where libnvrtc is found (a CUDA toolkit, the ``nvidia-cuda-nvrtc`` wheel, or
   the path in VGCORE_NVRTC) and skips elsewhere.
 
-vgcore._cuda cannot be imported without CuPy, so its kernel list and options
+vgcore.backends.cuda_stack cannot be imported without CuPy, so its kernel list and options
 are read from its source with ``ast`` (they are literals for that reason).
 Each nvcc run takes a second or two.
 """
@@ -33,14 +33,14 @@ from vgcore._activations import ACTIVATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CUDA_MODULE = ROOT / "vgcore" / "_cuda.py"
+CUDA_MODULE = ROOT / "vgcore" / "backends" / "cuda_stack.py"
 NVCC = shutil.which("nvcc")
 
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 
 def cuda_constants() -> dict:
-    """The module-level literal assignments of vgcore/_cuda.py (names in capitals)."""
+    """The module-level literal assignments of vgcore/backends/cuda_stack.py (names in capitals)."""
     constants = {}
     for node in ast.parse(CUDA_MODULE.read_text()).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -69,7 +69,7 @@ def instantiations() -> str:
     """A translation unit that includes the kernel file and takes the address of every kernel.
 
     Taking the address of a template kernel instantiates it, so nvcc compiles
-    every kernel that vgcore._cuda launches, in each type it launches it.
+    every kernel that vgcore.backends.cuda_stack launches, in each type it launches it.
     """
     kernels = [f"(void *)&{name}<{ctype}>" for name in CONSTANTS["TEMPLATE_KERNELS"]
                for ctype in CONSTANTS["KERNEL_TYPES"].values()]
@@ -79,7 +79,7 @@ def instantiations() -> str:
 
 
 def test_kernel_lists_match_the_kernel_file():
-    """Every kernel of the .cu is listed in vgcore/_cuda.py, with the right linkage, and vice versa."""
+    """Every kernel of the .cu is listed in vgcore/backends/cuda_stack.py, with the right linkage, and vice versa."""
     source = (CSRC / CONSTANTS["KERNEL_FILE"]).read_text()
     templates = set(re.findall(r"template <typename T>\s*__global__ void (\w+)\(", source))
     plain = set(re.findall(r'extern "C" __global__ void (\w+)\(', source))

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 import vgcore as vg
-from vgcore import _cpu, _kernels
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
+from vgcore._ext import _kernels
+from vgcore.backends import _threads, cpu_stack
 
 
 @given(stack_cases())
@@ -101,10 +102,10 @@ def test_results_do_not_depend_on_thread_count(case):
 
 def test_thread_count_is_honoured():
     with threadpool_limits(limits=1, user_api="openmp"):
-        assert _cpu.n_threads() == 1
+        assert _threads.n_threads() == 1
     if _kernels.has_openmp():
         with threadpool_limits(limits=2, user_api="openmp"):
-            assert _cpu.n_threads() == 2
+            assert _threads.n_threads() == 2
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
@@ -128,10 +129,10 @@ def test_batched_profiles_equal_one_by_one(cases):
     stacks = [stack for stack, _ in cases]
     xs = [x for _, x in cases]
     gs = [vg._api.default_grad_output(stack, x.shape[0]) for stack, x in cases]
-    batched = _cpu.gradient_profiles(stacks, xs, gs)
+    batched = cpu_stack.gradient_profiles([s.bind(x) for s, x in zip(stacks, xs, strict=True)], gs)
     assert len(batched) == len(stacks)
     for stack, x, g, result in zip(stacks, xs, gs, batched, strict=True):
-        single = _cpu.gradient_profile(stack, x, g)
+        single = cpu_stack.gradient_profile(stack.bind(x), g, None)
         for key in ("log_grad_norm", "log_weight_grad_norm", "saturation", "dead"):
             np.testing.assert_allclose(result[key], single[key], rtol=1e-12, atol=0)
 

@@ -22,7 +22,7 @@ from scipy.special import digamma, polygamma
 from threadpoolctl import threadpool_limits
 
 import vgcore as vg
-from vgcore import spectra
+from vgcore.backends import implementation
 from vgcore.spectra import lyapunov_exponents, singular_values
 
 # Activations whose derivative vanishes only on a null set (no relu: dead units make J singular).
@@ -32,7 +32,7 @@ SMOOTH = [name for name in vg.ACTIVATIONS if name not in ("relu",)]
 def _log_growth(k):
     """The unsorted sums of log|R_ii| over layers, with conftest.references' signature."""
     def function(stack, x, backend):
-        return spectra._log_growth(stack, np.ascontiguousarray(x, stack.dtype), k, backend)
+        return implementation(stack, backend).lyapunov_log_growth(stack.bind(x), k)
     return function
 
 

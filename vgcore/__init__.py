@@ -15,14 +15,13 @@ mean-field theory's predictions for the same networks.
 import importlib
 
 from vgcore._activations import ACTIVATIONS
-from vgcore._api import forward, gradient_profile, jacobian, jvp, vjp
+from vgcore._api import forward, gradient_profile, jacobian, jvp, lyapunov_exponents, singular_values, vjp
 from vgcore._profile import Profile
 from vgcore._stack import Stack
 from vgcore._utils import random_inputs
-from vgcore.spectra import lyapunov_exponents, singular_values
 from vgcore.sweep import SweepResult, sweep
 
-__version__ = "0.1.0"
+from vgcore._version import __version__
 
 # Submodules imported on first use: `vgcore.torch` must never import torch
 # before it is asked for, and the others keep `import vgcore` quick.

@@ -1,41 +1,96 @@
-"""Activation names, their codes in csrc/vg_activations.h, and NumPy twins.
+"""Activations and the constants shared with the C kernels: the Python side's one source of truth.
 
-The NumPy functions here are the reference's activation math: plain NumPy
-written from the definitions in DESIGN.md, with the same numerical care as the
-C header (no overflow in sigmoid / softplus / silu, full precision in the
-tails of tanh').  They are checked against finite differences and against the
-compiled header in the tests.
+The table :data:`ACTIVATION_TABLE` holds what the rest of vgcore needs to know
+about each activation — its code in csrc/vg_activations.h, the straight lines
+it approaches for large |h| (theory), whether phi or phi' jumps at 0 (tests,
+spectra), and its PyTorch equivalent (benchmarks, ``Stack.from_torch``).  The
+constants below mirror the C headers (csrc/vg_activations.h, csrc/vg_stack.h);
+tests/test_constants.py holds the compiled values equal to these.
+
+:func:`activation` is the NumPy reference's activation math: plain NumPy
+written from the definitions, with the same numerical care as the C header
+(no overflow in sigmoid / softplus / silu, full precision in the tails of
+tanh').  It is checked against finite differences and against the compiled
+header in the tests.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import special
 
-#: Public activation names, in the order of the C enum in vg_activations.h.
-ACTIVATIONS: tuple[str, ...] = (
-    "linear",
-    "sigmoid",
-    "tanh",
-    "relu",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "gelu",
-    "silu",
-    "softplus",
-    "erf",
-)
-
-#: Activation name -> integer code understood by the compiled kernels.
-ACTIVATION_CODES: dict[str, int] = {name: code for code, name in enumerate(ACTIVATIONS)}
-
+#: Leaky ReLU's slope for h < 0 (VG_LEAKY_SLOPE).
 LEAKY_SLOPE = 0.01
+#: SELU's constants (VG_SELU_ALPHA, VG_SELU_SCALE).
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
-#: |phi'(h)| below this counts as saturated in a gradient profile.
+#: |phi'(h)| below this counts as saturated in a gradient profile (VG_SATURATION_THRESHOLD).
 SATURATION_THRESHOLD = 1e-3
+#: The eps of layer and batch normalisation: (v - mean) / sqrt(var + eps) (VG_LAYER_NORM_EPS).
+LAYER_NORM_EPS = 1e-5
+#: Where a stack's normalisation sits -> the kernels' code (VG_NORM_NONE, _PRE, _POST, _BATCH).
+NORM_CODES: dict[str | None, int] = {None: 0, "pre": 1, "post": 2, "batch": 3}
+
+
+class Activation(NamedTuple):
+    """Everything vgcore knows about one activation, besides its math.
+
+    Attributes
+    ----------
+    name : str
+        Public name.
+    code : int
+        Its value in the C enum of csrc/vg_activations.h (the table's order).
+    asymptotes : tuple of 4 floats
+        (slope, offset) of the line phi approaches as h -> +inf, then as h -> -inf.
+    kinked : bool
+        phi or phi' jumps at h = 0 (finite differences and QR are unreliable there).
+    piecewise_linear : bool
+        phi equals its asymptotes everywhere (closed-form mean-field theory).
+    torch : str
+        The equivalent ``torch.nn`` module (as written in an nn.Sequential), or
+        "" where PyTorch has none.
+    """
+
+    name: str
+    code: int
+    asymptotes: tuple[float, float, float, float]
+    kinked: bool
+    piecewise_linear: bool
+    torch: str
+
+
+def _table(*rows: tuple) -> dict[str, Activation]:
+    return {row[0]: Activation(row[0], code, *row[1:]) for code, row in enumerate(rows)}
+
+
+#: name -> Activation, in the order of the C enum.
+ACTIVATION_TABLE: dict[str, Activation] = _table(
+    # name          asymptotes (+slope, +offset, -slope, -offset)            kinked pw-lin torch
+    ("linear", (1.0, 0.0, 1.0, 0.0), False, True, "Identity"),
+    ("sigmoid", (0.0, 1.0, 0.0, 0.0), False, False, "Sigmoid"),
+    ("tanh", (0.0, 1.0, 0.0, -1.0), False, False, "Tanh"),
+    ("relu", (1.0, 0.0, 0.0, 0.0), True, True, "ReLU"),
+    ("leaky_relu", (1.0, 0.0, LEAKY_SLOPE, 0.0), True, True, "LeakyReLU"),
+    ("elu", (1.0, 0.0, 0.0, -1.0), True, False, "ELU"),
+    ("selu", (SELU_SCALE, 0.0, 0.0, -SELU_SCALE * SELU_ALPHA), True, False, "SELU"),
+    ("gelu", (1.0, 0.0, 0.0, 0.0), False, False, "GELU"),
+    ("silu", (1.0, 0.0, 0.0, 0.0), False, False, "SiLU"),
+    ("softplus", (1.0, 0.0, 0.0, 0.0), False, False, "Softplus"),
+    ("erf", (0.0, 1.0, 0.0, -1.0), False, False, ""),
+)
+
+#: Public activation names, in the order of the C enum in vg_activations.h.
+ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_TABLE)
+
+#: Activation name -> integer code understood by the compiled kernels.
+ACTIVATION_CODES: dict[str, int] = {name: info.code for name, info in ACTIVATION_TABLE.items()}
+
+#: Activations whose phi or phi' jumps at 0.
+KINKED: frozenset[str] = frozenset(name for name, info in ACTIVATION_TABLE.items() if info.kinked)
 
 
 def _sigmoid_parts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,13 +159,3 @@ def activation(name: str, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ValueError(f"activation: unknown activation {name!r}; expected one of {ACTIVATIONS}")
     return value.astype(dtype, copy=False), derivative.astype(dtype, copy=False)
-
-
-def phi(name: str, h: np.ndarray) -> np.ndarray:
-    """Value of activation ``name`` at ``h`` (see :func:`activation`)."""
-    return activation(name, h)[0]
-
-
-def phi_prime(name: str, h: np.ndarray) -> np.ndarray:
-    """Derivative of activation ``name`` at ``h`` (see :func:`activation`)."""
-    return activation(name, h)[1]

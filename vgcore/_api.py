@@ -1,130 +1,67 @@
-"""Public computations on a Stack: validation, then dispatch to a backend.
+"""The public computations: validate, then hand the problem to the chosen backend.
 
-Backends:
-- "cpu":   the compiled kernels (vgcore._kernels through vgcore._cpu);
-- "numpy": the plain reference (vgcore._reference);
-- "cuda":  the CuPy mirror (vgcore._cuda), for arrays on an NVIDIA GPU;
-- "auto":  "cuda" when the stack's arrays live on a GPU, else "cpu".
-Results come back on the device of the inputs.
+Every function here takes any stack kind (vgcore._model): the stack validates
+its inputs and call keywords (``stack.bind``), the registry in vgcore.backends
+names the implementation for the stack's kind and the backend, and the result
+comes back on the device of the model.  Backends:
+
+- "cpu":   the compiled kernels (vgcore._ext);
+- "numpy": the plain NumPy reference;
+- "cuda":  the CuPy mirror, for arrays on an NVIDIA GPU;
+- "auto":  "cuda" when the model's arrays live on a GPU, else "cpu".
+
+See docs/ARCHITECTURE.md for the data flow of a call.
 """
 
 from __future__ import annotations
 
 import math
-from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from vgcore import _reference
 from vgcore import _validation as check
+from vgcore._model import Problem, check_model
 from vgcore._profile import Profile
-from vgcore._stack import Stack
+from vgcore.backends import implementation
+
+__all__ = [
+    "default_grad_output", "forward", "gradient_profile", "jacobian", "jvp", "lyapunov_exponents",
+    "singular_values", "vjp",
+]
 
 # Offset mixed into a stack's seed for the default grad_output, so that the
 # cotangent stream never coincides with the weight stream.
 _GRAD_OUTPUT_STREAM = 0x67726164  # "grad"
 
 
-def _numpy_backend() -> SimpleNamespace:
-    """The reference, wrapped to the backends' common signatures."""
-
-    def options(stack):
-        return stack.activation, stack.residual, stack.norm
-
-    def into(out, result):
-        if out is None:
-            return result
-        out[...] = result
-        return out
-
-    def broadcast(x, vectors):
-        return np.broadcast_to(vectors, (x.shape[0], *vectors.shape[-2:]))
-
-    return SimpleNamespace(
-        forward=lambda s, x, out: into(out, _reference.forward(s.weights, s.biases, x, *options(s))),
-        gradient_profile=lambda s, x, g: _reference.gradient_profile(s.weights, s.biases, x, g,
-                                                                     *options(s)),
-        jvp=lambda s, x, t, out: into(out, _reference.jvp(s.weights, s.biases, x, broadcast(x, t),
-                                                          *options(s))),
-        vjp=lambda s, x, u, out: into(out, _reference.vjp(s.weights, s.biases, x, broadcast(x, u),
-                                                          *options(s))),
-        jacobian=lambda s, x, out: into(out, _reference.jacobian(s.weights, s.biases, x, *options(s))),
-    )
+def _bind(stack: Any, x: Any, call: dict) -> Problem:
+    """The validated problem of ``stack`` at ``x``; TypeError/ValueError naming the argument."""
+    return check_model(stack).bind(x, **call)
 
 
-def _resolve(name: str, stack: Stack) -> str:
-    """The concrete backend for ``backend=name`` (validated) and this stack's device."""
-    on_gpu = stack.device == "cuda"
-    if name == "auto":
-        return "cuda" if on_gpu else "cpu"
-    if on_gpu and name != "cuda":
-        raise ValueError(f"backend: {name!r} runs on host arrays but the stack lives on the GPU; "
-                         "use backend='cuda' or 'auto'")
-    return name
+def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any):
+    """Validated ``out`` of ``shape``, overlapping neither the problem's arrays nor ``others``."""
+    inputs = (problem.x, problem.inputs, *problem.model.parameters, *others)
+    return check.check_out(out, shape, problem.model.dtype, tuple(a for a in inputs if a is not None))
 
 
-def _backend(name: str, stack: Stack) -> ModuleType | SimpleNamespace:
-    """Resolve ``backend`` for ``stack`` (validated name) to an implementation."""
-    name = _resolve(name, stack)
-    if name == "cuda":
-        try:
-            from vgcore import _cuda
-        except ImportError as error:
-            raise ValueError(f"backend: 'cuda' is not available here ({error})") from error
-        return _cuda.backend()
-    if name == "numpy":
-        return _numpy_backend()
-    from vgcore import _cpu
-
-    return _cpu
-
-
-def _check_stack(stack: Any) -> Stack:
-    if not isinstance(stack, Stack):
-        raise TypeError(f"stack: expected a vgcore.Stack, got {type(stack).__name__}")
-    return stack
-
-
-def _check_batch(stack: Stack, x: Any, name: str = "x"):
-    """x as a C-contiguous (B, n) array in the stack's dtype, on the stack's device."""
-    x = check.as_float_array(x, name, ndim=2, dtype=stack.dtype, allow_any_float=True)
-    if check.array_namespace(x) is not check.array_namespace(stack.weights):
-        raise TypeError(f"{name}: must live on the same device as the stack ({stack.device})")
-    if x.shape[0] < 1:
-        raise ValueError(f"{name}: the batch (first axis) must hold at least one sample")
-    if x.shape[1] != stack.width:
-        raise ValueError(f"{name}: expected shape (B, {stack.width}) for a stack of width "
-                         f"{stack.width}, got {tuple(x.shape)}")
-    return check.contiguous(x)
-
-
-def _check_vectors(stack: Stack, vectors: Any, batch: int, name: str):
-    """Tangents / cotangents (B, k, n) or (k, n), C-contiguous, in the stack's dtype."""
-    vectors = check.as_float_array(vectors, name, dtype=stack.dtype, allow_any_float=True)
-    if vectors.ndim not in (2, 3):
-        raise ValueError(f"{name}: expected shape (B, k, n) or (k, n), got {tuple(vectors.shape)}")
-    if check.array_namespace(vectors) is not check.array_namespace(stack.weights):
-        raise TypeError(f"{name}: must live on the same device as the stack ({stack.device})")
-    if vectors.shape[-1] != stack.width or vectors.shape[-2] < 1 or (
-        vectors.ndim == 3 and vectors.shape[0] != batch
-    ):
-        raise ValueError(f"{name}: expected shape ({batch}, k, {stack.width}) or (k, {stack.width}) "
-                         f"with k >= 1, got {tuple(vectors.shape)}")
-    return check.contiguous(vectors)
-
-
-def forward(stack: Stack, x: Any, *, out: Any = None, backend: str = "auto"):
-    """Output x_L of the stack for a batch of inputs.
+def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps: int | None = None,
+            inputs: Any = None):
+    """The model's output for a batch of inputs: a stack's x_L.
 
     Parameters
     ----------
     stack : Stack
+        Any vgcore model (a Stack, or another model kind).
     x : array, shape (B, n)
         Inputs x_0; any real floating dtype, cast to the stack's dtype.
     out : ndarray, shape (B, n), optional
-        Where to write the result (C-contiguous, the stack's dtype, writable).
+        Where to write the result (C-contiguous, the stack's dtype, writable,
+        overlapping no input).
     backend : {"auto", "cpu", "cuda", "numpy"}
+    steps, inputs
+        Recurrent models only (time steps and per-step inputs); a stack refuses them.
 
     Returns
     -------
@@ -135,24 +72,35 @@ def forward(stack: Stack, x: Any, *, out: Any = None, backend: str = "auto"):
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    out = check.check_out(out, x.shape, stack.dtype, (x, stack.weights, stack.biases))
-    return _backend(backend, stack).forward(stack, x, out)
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    out = _out(out, tuple(problem.x.shape), problem)
+    return backend_module.forward(problem, out)
 
 
-def default_grad_output(stack: Stack, batch: int):
+def default_grad_output(stack: Any, batch: int):
     """The default cotangent of gradient_profile: standard normal, drawn from the stack's seed.
 
-    Explicit stacks (no seed) use seed 0.  Drawn in float64 on the host, then
-    cast and moved to the stack's device, so every backend sees the same values.
+    Models without a seed (explicit parameters) use seed 0.  Drawn in float64
+    on the host, then cast and moved to the stack's device, so every backend
+    sees the same values.
+
+    Parameters
+    ----------
+    stack : Stack
+        Any vgcore model (a Stack, or another model kind).
+    batch : int
+        Number of samples B.
+
+    Returns
+    -------
+    array, shape (B, stack.state_width), the model's dtype, on its device
     """
     seed = 0 if stack.seed is None else stack.seed
     rng = np.random.default_rng([seed, _GRAD_OUTPUT_STREAM])
-    values = rng.standard_normal((batch, stack.width)).astype(stack.dtype)
+    values = rng.standard_normal((batch, stack.state_width)).astype(stack.dtype)
     if stack.device == "cuda":
-        from vgcore._cuda import to_device
+        from vgcore.backends.cuda_stack import to_device
 
         return to_device(values)
     return values
@@ -169,8 +117,9 @@ def _check_segment(segment: Any, depth: int) -> int | None:
     return min(check.check_int(segment, "segment"), depth)
 
 
-def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: str = "auto",
-                     segment: int | str | None = None) -> Profile:
+def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: str = "auto",
+                     segment: int | str | None = None, steps: int | None = None,
+                     inputs: Any = None) -> Profile:
     """Per-layer gradient norms, weight-gradient norms, saturation and dead units.
 
     The loss is ``sum_b <x_L[b], g[b]>`` with ``g = grad_output``.
@@ -178,6 +127,7 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
     Parameters
     ----------
     stack : Stack
+        Any vgcore model (a Stack, or another model kind).
     x : array, shape (B, n)
         Inputs x_0.
     grad_output : array, shape (B, n), optional
@@ -191,6 +141,8 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
         backward pass: one extra forward pass, memory about (L/S + 2S) B n
         values, bitwise the same results.  "auto" picks S = ceil(sqrt(L/2)).
         Other backends keep every activation and ignore it.
+    steps, inputs
+        Recurrent models only; a stack refuses them.
 
     Returns
     -------
@@ -205,93 +157,216 @@ def gradient_profile(stack: Stack, x: Any, grad_output: Any = None, *, backend: 
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    segment = _check_segment(segment, stack.depth)
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    segment = _check_segment(segment, problem.depth)
     if grad_output is None:
-        grad_output = default_grad_output(stack, x.shape[0])
+        grad_output = default_grad_output(stack, problem.batch)
     else:
-        grad_output = _check_batch(stack, grad_output, "grad_output")
-        if grad_output.shape[0] != x.shape[0]:
-            raise ValueError(f"grad_output: expected shape {tuple(x.shape)}, got {tuple(grad_output.shape)}")
-    implementation = _backend(backend, stack)
-    if segment is not None and _resolve(backend, stack) == "cpu":
-        result = implementation.gradient_profile(stack, x, grad_output, segment)
-    else:
-        result = implementation.gradient_profile(stack, x, grad_output)
+        grad_output = stack.bind(grad_output, name="grad_output").x
+        if grad_output.shape != problem.x.shape:
+            raise ValueError(f"grad_output: expected shape {tuple(problem.x.shape)}, "
+                             f"got {tuple(grad_output.shape)}")
+    result = backend_module.gradient_profile(problem, grad_output, segment)
     return Profile(chi_theory=stack.chi_theory, config=stack.config(), **result)
 
 
-def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, out: Any, backend: Any):
+def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, out: Any, backend: Any,
+                      call: dict):
     """Validation and dispatch shared by jvp and vjp; ``name`` is the vectors' argument name."""
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    vectors = _check_vectors(stack, vectors, x.shape[0], name)
-    shape = (x.shape[0], vectors.shape[-2], stack.width)
-    out = check.check_out(out, shape, stack.dtype, (x, vectors, stack.weights, stack.biases))
-    return getattr(_backend(backend, stack), kind)(stack, x, vectors, out)
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, call)
+    vectors = check.vectors_array(vectors, name, batch=problem.batch, width=stack.state_width,
+                                  dtype=stack.dtype, like=problem.x, device=stack.device)
+    shape = (problem.batch, vectors.shape[-2], stack.state_width)
+    out = _out(out, shape, problem, vectors)
+    return getattr(backend_module, kind)(problem, vectors, out)
 
 
-def jvp(stack: Stack, x: Any, tangents: Any, *, out: Any = None, backend: str = "auto"):
+def jvp(stack: Any, x: Any, tangents: Any, *, out: Any = None, backend: str = "auto",
+        steps: int | None = None, inputs: Any = None):
     """Jacobian-vector products J(x_b) v of the stack's input-output map.
 
     Parameters
     ----------
     stack : Stack
+        Any vgcore model (a Stack, or another model kind).
     x : array, shape (B, n)
     tangents : array, shape (B, k, n) or (k, n)
         k tangents per sample at the input (the same k for every sample when 2-D).
     out : ndarray, shape (B, k, n), optional
     backend : {"auto", "cpu", "cuda", "numpy"}
+    steps, inputs
+        Recurrent models only; a stack refuses them.
 
     Returns
     -------
     ndarray, shape (B, k, n)
         ``out[b, j] = J(x_b) tangents[b, j]``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the offending argument, before any work.
     """
-    return _jacobian_product("jvp", stack, x, tangents, "tangents", out, backend)
+    return _jacobian_product("jvp", stack, x, tangents, "tangents", out, backend,
+                             {"steps": steps, "inputs": inputs})
 
 
-def vjp(stack: Stack, x: Any, cotangents: Any, *, out: Any = None, backend: str = "auto"):
+def vjp(stack: Any, x: Any, cotangents: Any, *, out: Any = None, backend: str = "auto",
+        steps: int | None = None, inputs: Any = None):
     """Vector-Jacobian products J(x_b)^T u of the stack's input-output map.
 
     Parameters
     ----------
     stack : Stack
+        Any vgcore model (a Stack, or another model kind).
     x : array, shape (B, n)
     cotangents : array, shape (B, k, n) or (k, n)
         k cotangents per sample at the output.
     out : ndarray, shape (B, k, n), optional
     backend : {"auto", "cpu", "cuda", "numpy"}
+    steps, inputs
+        Recurrent models only; a stack refuses them.
 
     Returns
     -------
     ndarray, shape (B, k, n)
         ``out[b, j] = J(x_b)^T cotangents[b, j]``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the offending argument, before any work.
     """
-    return _jacobian_product("vjp", stack, x, cotangents, "cotangents", out, backend)
+    return _jacobian_product("vjp", stack, x, cotangents, "cotangents", out, backend,
+                             {"steps": steps, "inputs": inputs})
 
 
-def jacobian(stack: Stack, x: Any, *, out: Any = None, backend: str = "auto"):
+def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps: int | None = None,
+             inputs: Any = None):
     """Input-output Jacobian d x_L / d x_0 of every sample.
 
     Parameters
     ----------
     stack : Stack
+        Any vgcore model (a Stack, or another model kind).
     x : array, shape (B, n)
     out : ndarray, shape (B, n, n), optional
     backend : {"auto", "cpu", "cuda", "numpy"}
+    steps, inputs
+        Recurrent models only; a stack refuses them.
 
     Returns
     -------
     ndarray, shape (B, n, n)
         ``J[b, i, j] = d x_L[b, i] / d x_0[b, j]``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the offending argument, before any work.
     """
-    stack = _check_stack(stack)
-    backend = check.check_backend(backend)
-    x = _check_batch(stack, x)
-    shape = (x.shape[0], stack.width, stack.width)
-    out = check.check_out(out, shape, stack.dtype, (x, stack.weights, stack.biases))
-    return _backend(backend, stack).jacobian(stack, x, out)
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    width = stack.state_width
+    out = _out(out, (problem.batch, width, width), problem)
+    return backend_module.jacobian(problem, out)
+
+
+def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | None = None,
+                    inputs: Any = None):
+    """Singular values of each sample's input-output Jacobian d x_L / d x_0.
+
+    Parameters
+    ----------
+    stack : Stack
+        Any vgcore model (a Stack, or another model kind).
+    x : array, shape (B, n)
+        Inputs x_0; any real floating dtype, cast to the stack's dtype.
+    backend : {"auto", "cpu", "cuda", "numpy"}
+        "cpu": the compiled Jacobian (:func:`vgcore.jacobian`), then LAPACK's
+        divide-and-conquer SVD (``numpy.linalg.svd``) per sample, samples
+        spread over the kernels' threads with BLAS held to one thread each.
+    steps, inputs
+        Recurrent models only; a stack refuses them.
+
+    Returns
+    -------
+    ndarray, shape (B, n), the stack's dtype (CuPy for a stack on the GPU)
+        Descending.  They are the singular values of the product of the
+        layers' Jacobians, so at depth they underflow or overflow like it
+        (use :func:`lyapunov_exponents` for log rates that stay finite).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the offending argument, before any work.
+    """
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    return backend_module.singular_values(problem)
+
+
+def _check_k(k: Any, width: int) -> int:
+    if k is None:
+        return width
+    k = check.check_int(k, "k")
+    if k > width:
+        raise ValueError(f"k: must be <= the stack's width {width}, got {k}")
+    return k
+
+
+def lyapunov_exponents(stack: Any, x: Any, k: int | None = None, *, backend: str = "auto",
+                       steps: int | None = None, inputs: Any = None, warmup: int | None = None):
+    """Lyapunov exponents of the stack at each input: per-layer mean log growth rates of k directions.
+
+    The k tangents of each sample start as the first k standard basis
+    vectors e_1..e_k of the input space.  Every layer maps them with its
+    Jacobian J_l(x_{l-1}) (the forward-mode JVP), then a QR factorisation
+    T = Q R replaces them by the orthonormal columns of Q; exponent i is
+    (1/L) sum_l log|R_ii| of layer l (Benettin's algorithm).  Renormalising
+    every layer keeps the result finite and exact at any depth, where the
+    Jacobian itself underflows or overflows.
+
+    Identities: with k = n, the exponents sum to (1/L) log|det J| =
+    (1/L) sum_l log|det J_l|; for any k, L times their sum is the log of the
+    k-volume |det R| of J [e_1..e_k].  Where a layer maps a direction to
+    zero (dead relu units, a layer norm's null space, k above the Jacobian's
+    rank) QR measures rounding, so those exponents are of the size of
+    log(eps) / L and not reproducible bit for bit across backends; they are
+    -inf only where the product is exactly zero (e.g. a layer whose every
+    relu unit is dead).
+
+    Parameters
+    ----------
+    stack : Stack
+        Any vgcore model (a Stack, or another model kind).
+    x : array, shape (B, n)
+        Inputs x_0; any real floating dtype, cast to the stack's dtype.
+    k : int, optional
+        Number of directions, 1 <= k <= n; default n (the whole spectrum).
+    backend : {"auto", "cpu", "cuda", "numpy"}
+        "cpu": compiled (vgcore._ext._spectra), nogil, LAPACK ?geqrf / ?orgqr
+        per sample and layer, OpenMP over blocks of samples; bitwise the same
+        results for any number of threads.
+    steps, inputs, warmup
+        Recurrent models only; a stack refuses them.
+
+    Returns
+    -------
+    ndarray, shape (B, k), float64 (CuPy for a stack on the GPU)
+        Sorted descending.  Logs are accumulated in float64 for both dtypes;
+        a float32 stack's Jacobian products and QR run in float32.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the offending argument, before any work.
+    """
+    backend_module = implementation(check_model(stack), backend)
+    problem = _bind(stack, x, {"steps": steps, "inputs": inputs, "warmup": warmup})
+    k = _check_k(k, stack.state_width)
+    rates = backend_module.lyapunov_log_growth(problem, k) / problem.depth
+    xp = check.array_namespace(rates)
+    return xp.ascontiguousarray(xp.sort(rates, axis=1)[:, ::-1])

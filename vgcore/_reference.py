@@ -23,9 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vgcore._activations import SATURATION_THRESHOLD, activation
-
-LAYER_NORM_EPS = 1e-5
+from vgcore._activations import LAYER_NORM_EPS, SATURATION_THRESHOLD, activation
 
 
 def layer_norm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

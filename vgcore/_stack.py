@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from vgcore import _validation as check
+from vgcore._model import Problem, refuse_call_keywords
 
 #: sigma_w given by name: the scheme's weight scale for a square layer.
 SIGMA_W_SCHEMES = {"xavier": 1.0, "lecun": 1.0, "he": math.sqrt(2.0)}
@@ -154,7 +155,7 @@ class Stack:
         weights, biases = weights.astype(dtype), biases.astype(dtype)
         if device == "cuda":
             try:
-                from vgcore._cuda import to_device
+                from vgcore.backends.cuda_stack import to_device
             except ImportError as error:
                 raise ValueError(f"device: 'cuda' is not available here ({error})") from error
             weights, biases = to_device(weights), to_device(biases)
@@ -241,6 +242,51 @@ class Stack:
 
                 self._chi_theory = float(theory.chi1(self._activation, self._sigma_w, self._sigma_b))
         return self._chi_theory
+
+    # -- the model-kind interface (vgcore._model.ModelKind) --------------------
+    @property
+    def kind(self) -> str:
+        """Registry key of this stack's implementations: "batchnorm" for norm="batch", else "stack"."""
+        return "batchnorm" if self._norm == "batch" else "stack"
+
+    @property
+    def state_width(self) -> int:
+        """Width of the inputs x and outputs x_L: the stack's width n."""
+        return self.width
+
+    @property
+    def parameters(self) -> tuple:
+        """(weights, biases)."""
+        return (self._weights, self._biases)
+
+    def bind(self, x: Any, *, name: str = "x", **call: Any) -> Problem:
+        """Validate inputs ``x`` (B, n) for a computation on this stack.
+
+        Parameters
+        ----------
+        x : array, shape (B, n)
+            Inputs x_0, any real floating dtype (cast to the stack's), on the stack's device.
+        name : str
+            The argument's name in error messages.
+        **call
+            ``steps``, ``inputs``, ``warmup``: recurrent models' keywords; a stack refuses them.
+
+        Returns
+        -------
+        Problem
+
+        Raises
+        ------
+        TypeError, ValueError
+            Naming the offending argument.
+        """
+        refuse_call_keywords("stack", call)
+        x = check.batch_array(x, name, width=self.width, dtype=self.dtype, like=self._weights,
+                              device=self.device)
+        if self._norm == "batch" and x.shape[0] < 2:
+            raise ValueError(f"{name}: norm='batch' couples the samples of a batch and needs B >= 2, "
+                             f"got B = {x.shape[0]}")
+        return Problem(self, x, self.depth)
 
     def config(self) -> dict:
         """The stack's options as a dict (activation, residual, norm, init, sigma_w, sigma_b, seed, ...)."""

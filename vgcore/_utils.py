@@ -37,7 +37,7 @@ def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: flo
         seed = check.check_int(seed, "seed", minimum=0)
     values = (scale * np.random.default_rng(seed).standard_normal((batch, stack.width))).astype(stack.dtype)
     if stack.device == "cuda":
-        from vgcore._cuda import to_device
+        from vgcore.backends.cuda_stack import to_device
 
         return to_device(values)
     return values

@@ -49,7 +49,9 @@ def as_float_array(value: Any, name: str, *, dtype: Any = None, ndim: int | None
         Required number of dimensions.
     allow_any_float : bool
         Accept float16 (and other real floating dtypes) and cast them to ``dtype``;
-        otherwise only float32 and float64 are accepted.
+        otherwise only float32 and float64 are accepted.  Implied when ``dtype``
+        is given: a target dtype means "cast to it".  Non-native byte order
+        (big-endian float32 / float64) is always accepted and converted.
 
     Raises
     ------
@@ -80,17 +82,67 @@ def as_float_array(value: Any, name: str, *, dtype: Any = None, ndim: int | None
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name}: expected a numeric array ({error})") from error
     kind = array.dtype.kind
+    if kind == "f" and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if dtype is not None:
+        allow_any_float = True
     if kind != "f" or (array.dtype not in FLOAT_DTYPES and not allow_any_float):
         raise TypeError(
             f"{name}: dtype {array.dtype} is not supported; pass float32 or float64 values"
         )
     if ndim is not None and array.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(array.shape)}")
-    if dtype is not None and array.dtype != dtype:
-        array = array.astype(dtype)
     if not bool(xp.isfinite(array).all()):
         raise ValueError(f"{name}: contains NaN or inf")
+    if dtype is not None and array.dtype != dtype:
+        with np.errstate(over="ignore"):
+            array = array.astype(dtype)
+        if not bool(xp.isfinite(array).all()):
+            raise ValueError(f"{name}: values overflow {np.dtype(dtype).name} (largest magnitude "
+                             f"{np.finfo(np.dtype(dtype)).max:.3g})")
     return array
+
+
+def batch_array(value: Any, name: str, *, width: int, dtype: np.dtype, like: Any, device: str):
+    """A batch (B, width), B >= 1, C-contiguous in ``dtype``, on the device of ``like``.
+
+    Raises
+    ------
+    TypeError
+        Not a floating array, or on another device than ``like``.
+    ValueError
+        Wrong shape, an empty batch, NaN or inf.
+    """
+    array = as_float_array(value, name, ndim=2, dtype=dtype, allow_any_float=True)
+    if array_namespace(array) is not array_namespace(like):
+        raise TypeError(f"{name}: must live on the same device as the model ({device})")
+    if array.shape[0] < 1:
+        raise ValueError(f"{name}: the batch (first axis) must hold at least one sample")
+    if array.shape[1] != width:
+        raise ValueError(f"{name}: expected shape (B, {width}) for a model of width {width}, "
+                         f"got {tuple(array.shape)}")
+    return contiguous(array)
+
+
+def vectors_array(value: Any, name: str, *, batch: int, width: int, dtype: np.dtype, like: Any, device: str):
+    """Tangents / cotangents (B, k, n) or (k, n) with k >= 1, C-contiguous in ``dtype``, on ``like``'s device.
+
+    Raises
+    ------
+    TypeError
+        Not a floating array, or on another device than ``like``.
+    ValueError
+        Wrong shape, NaN or inf.
+    """
+    array = as_float_array(value, name, dtype=dtype, allow_any_float=True)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected shape (B, k, n) or (k, n), got {tuple(array.shape)}")
+    if array_namespace(array) is not array_namespace(like):
+        raise TypeError(f"{name}: must live on the same device as the model ({device})")
+    if array.shape[-1] != width or array.shape[-2] < 1 or (array.ndim == 3 and array.shape[0] != batch):
+        raise ValueError(f"{name}: expected shape ({batch}, k, {width}) or (k, {width}) "
+                         f"with k >= 1, got {tuple(array.shape)}")
+    return contiguous(array)
 
 
 def contiguous(array):
@@ -162,15 +214,58 @@ def check_dtype(dtype: Any) -> np.dtype:
     return resolved
 
 
-def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: tuple = ()):
+def _host_view(value: Any) -> np.ndarray | None:
+    """An ndarray sharing ``value``'s host memory, or None when it has none to share (a list, a copy).
+
+    Used to compare ``out`` with what the caller passed, before any conversion:
+    a converted input (cast, made contiguous) is a copy, but the caller's
+    original array may still be ``out``.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    if value is None or is_cupy_array(value) or isinstance(value, (str, bytes, numbers.Number)):
+        return None
+    if hasattr(value, "__dlpack__"):
+        try:
+            return np.from_dlpack(value)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return None
+    try:
+        return np.asarray(value, copy=False)
+    except (ValueError, TypeError):  # a list or an object NumPy must copy: no shared memory
+        return None
+
+
+def _overlaps(out, array) -> bool:
+    """Whether ``out`` and ``array`` share any element (exact; assumed when too hard to decide)."""
+    try:
+        return bool(np.shares_memory(out, array, max_work=10**6))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: tuple = (),
+              originals: tuple = ()):
     """Validate a caller-supplied output array; None passes through.
+
+    Parameters
+    ----------
+    out : ndarray or None
+    shape, dtype
+        What the result will be.
+    inputs : tuple
+        The converted inputs the computation reads.
+    originals : tuple
+        The caller's arguments as given, before conversion: ``out`` may alias
+        one of them even where the converted input is a copy.
 
     Raises
     ------
     TypeError
         ``out`` is not an ndarray of the right dtype.
     ValueError
-        Wrong shape, not C-contiguous, not writable, or overlapping an input.
+        Wrong shape, not C-contiguous, not writable, or overlapping an input
+        (converted or as given) through any view.
     """
     if out is None:
         return None
@@ -185,7 +280,16 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: tuple =
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
             raise ValueError("out: is not writable")
-        for array in inputs:
-            if isinstance(array, np.ndarray) and np.shares_memory(out, array):
-                raise ValueError("out: overlaps an input array")
+        for array in (*inputs, *originals):
+            view = _host_view(array)
+            if view is not None and _overlaps(out, view):
+                raise ValueError("out: overlaps an input array (through a view of it); "
+                                 "pass a separate array")
+    else:
+        import cupy
+
+        for array in (*inputs, *originals):
+            if is_cupy_array(array) and cupy.shares_memory(out, array):
+                raise ValueError("out: overlaps an input array (through a view of it); "
+                                 "pass a separate array")
     return out

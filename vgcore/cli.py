@@ -267,11 +267,12 @@ def info_lines() -> list[str]:
     lines = [f"vgcore {vgcore.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, "
              f"{platform.system()} {platform.machine()})"]
     try:
-        from vgcore import _cpu, _kernels
+        from vgcore._ext import _kernels
+        from vgcore.backends import _threads
 
         openmp = "yes" if _kernels.has_openmp() else "no (built without OpenMP: kernels run on one thread)"
         omp_num_threads = os.environ.get("OMP_NUM_THREADS", "unset")
-        lines.append(f"compiled kernels: yes; OpenMP: {openmp}; threads: {_cpu.n_threads()} "
+        lines.append(f"compiled kernels: yes; OpenMP: {openmp}; threads: {_threads.n_threads()} "
                      f"(cores: {os.cpu_count()}; OMP_NUM_THREADS={omp_num_threads})")
     except ImportError as error:
         lines.append(f"compiled kernels: no ({error}); build with: python setup.py build_ext --inplace")
@@ -309,7 +310,7 @@ def _gpu_line() -> str:
         name = properties.get("name", b"?")
         names.append(name.decode() if isinstance(name, bytes) else str(name))
     try:
-        from vgcore import _cuda  # noqa: F401
+        from vgcore.backends import cuda_stack  # noqa: F401
 
         backend = "vgcore cuda backend: yes"
     except ImportError as error:

@@ -32,7 +32,7 @@ Chunks
 ------
 Pending rows are ordered by shape (depth, width, dtype) and cut into chunks;
 on the "cpu" backend each chunk runs in one call of the compiled multi-config
-runner (:func:`vgcore._cpu.gradient_profiles`), across all cores.  A chunk is
+runner (:func:`vgcore.backends.cpu_stack.gradient_profiles`), across all cores.  A chunk is
 also the unit of the store (one Parquet part) and of distribution (one dask
 task).
 """
@@ -179,19 +179,53 @@ def normalize_grid(grid: Any) -> dict[str, list]:
     return canonical
 
 
+#: Most seeds one sweep takes: every seed is a row per config, and a count is expanded to a list.
+MAX_SEEDS = 1_000_000
+#: Seeds are NumPy generator seeds stored as int64: 0 <= seed < 2**63.
+SEED_LIMIT = 2**63
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, np.generic):
+        seed = seed.item()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seeds: expected ints, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seeds: each seed must satisfy 0 <= seed < 2**63, got {seed}")
+    return seed
+
+
 def normalize_seeds(seeds: Any) -> list[int]:
-    """``seeds`` as a list of distinct non-negative ints (a count n means 0..n-1)."""
+    """``seeds`` as a list of distinct ints in [0, 2**63) (a count n means 0..n-1).
+
+    Raises
+    ------
+    ValueError
+        Naming seeds: not a count or an ordered sequence of ints (a set has
+        no order), a seed outside [0, 2**63), a repeated seed, or more than
+        :data:`MAX_SEEDS` seeds; checked before anything is built.
+    """
     if isinstance(seeds, (numbers.Integral, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
-        count = check.check_int(seeds, "seeds")
+        count = int(seeds)
+        if not 1 <= count <= MAX_SEEDS:
+            raise ValueError(f"seeds: a count must be between 1 and {MAX_SEEDS:,}, got {count}")
         return list(range(count))
+    if isinstance(seeds, (set, frozenset)):
+        raise ValueError("seeds: expected a count or a list of ints, got a set (a set has no order)")
     if isinstance(seeds, (str, bytes, dict)) or not isinstance(seeds, (Iterable, np.ndarray)):
         raise ValueError(f"seeds: expected a count or a list of ints, got {type(seeds).__name__}")
-    values = []
-    for seed in np.asarray(seeds).ravel().tolist() if isinstance(seeds, np.ndarray) else list(seeds):
-        try:
-            values.append(check.check_int(seed, "seeds", minimum=0))
-        except TypeError as error:
-            raise ValueError(str(error)) from None
+    if isinstance(seeds, np.ndarray):
+        if seeds.size > MAX_SEEDS:
+            raise ValueError(f"seeds: at most {MAX_SEEDS:,} seeds, got {seeds.size:,}")
+        if seeds.dtype.kind not in "iu":
+            raise ValueError(f"seeds: expected ints, got an array of {seeds.dtype}")
+        items = seeds.ravel().tolist()
+    else:
+        items = list(itertools.islice(iter(seeds), MAX_SEEDS + 1))
+        if len(items) > MAX_SEEDS:
+            raise ValueError(f"seeds: at most {MAX_SEEDS:,} seeds")
+    values = [_check_seed(seed) for seed in items]
     if not values:
         raise ValueError("seeds: empty list of seeds")
     if len(set(values)) != len(values):
@@ -246,9 +280,9 @@ def _build(tasks: Sequence[tuple[int, dict, int]], batch: int, device: str) -> l
     filling arrays, so the draws run on as many threads as the kernels use;
     each stack still comes from its own seed, so the result is the same.
     """
-    from vgcore import _cpu
+    from vgcore.backends._threads import n_threads
 
-    threads = min(_cpu.n_threads(), len(tasks)) if device == "cpu" else 1
+    threads = min(n_threads(), len(tasks)) if device == "cpu" else 1
     if threads <= 1:
         return [_stack_and_inputs(config, seed, batch, device) for _, config, seed in tasks]
     from concurrent.futures import ThreadPoolExecutor
@@ -258,26 +292,29 @@ def _build(tasks: Sequence[tuple[int, dict, int]], batch: int, device: str) -> l
 
 
 def run_chunk(tasks: Sequence[tuple[int, dict, int]], batch: int, backend: str) -> list[dict]:
-    """Rows for ``tasks`` = [(row, config, seed), ...]: build stacks, profile them, summarise.
+    """Rows for ``tasks`` = [(row, config, seed), ...]: build models, profile them, summarise.
 
-    On "cpu" every stack of the chunk goes to one call of the compiled
-    multi-config runner; "numpy" and "cuda" loop over gradient_profile.
+    The models of each kind go to one ``gradient_profiles`` call of the
+    backend's implementation (vgcore.backends): on "cpu" that is the compiled
+    multi-config runner, in parallel over configs.
     """
-    from vgcore._api import default_grad_output, gradient_profile
+    from vgcore._api import default_grad_output
     from vgcore._profile import Profile
+    from vgcore.backends import implementation
 
     device = "cuda" if backend == "cuda" else "cpu"
     built = _build(tasks, batch, device)
-    if backend in ("cpu", "auto"):
-        from vgcore import _cpu
-
-        stacks = [stack for stack, _ in built]
-        results = _cpu.gradient_profiles(stacks, [x for _, x in built],
-                                         [default_grad_output(stack, batch) for stack in stacks])
-        profiles = [Profile(chi_theory=stack.chi_theory, config=stack.config(), **result)
-                    for stack, result in zip(stacks, results, strict=True)]
-    else:
-        profiles = [gradient_profile(stack, x, backend=backend).to_numpy() for stack, x in built]
+    profiles: list[Profile | None] = [None] * len(built)
+    by_kind: dict[str, list[int]] = {}
+    for index, (model, _) in enumerate(built):
+        by_kind.setdefault(model.kind, []).append(index)
+    for members in by_kind.values():
+        models = [built[i][0] for i in members]
+        problems = [model.bind(built[i][1]) for model, i in zip(models, members, strict=True)]
+        results = implementation(models[0], backend).gradient_profiles(
+            problems, [default_grad_output(model, batch) for model in models])
+        for index, model, result in zip(members, models, results, strict=True):
+            profiles[index] = Profile(chi_theory=model.chi_theory, config=model.config(), **result).to_numpy()
     return [_row_values(row, config, stack, profile)
             for (row, config, _), (stack, _), profile in zip(tasks, built, profiles, strict=True)]
 
@@ -459,7 +496,7 @@ def _check_backend(backend: Any) -> str:
         return "cpu"
     if backend == "cuda":
         try:
-            from vgcore import _cuda  # noqa: F401
+            from vgcore.backends import cuda_stack  # noqa: F401
         except ImportError as error:
             raise ValueError(f"backend: 'cuda' is not available here ({error})") from None
     return backend

@@ -1,5 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: initializedcheck=False, nonecheck=False
 """Compiled Lyapunov spectra of deep stacks: k tangents pushed through every layer, QR after each.
 
 For each sample b the k tangents start as the first k standard basis vectors
@@ -39,7 +37,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
 
-from vgcore._layers cimport NORM_PRE, _block_start, _forward_layer, _jvp_layer
+from vgcore._ext._layers cimport NORM_PRE, _block_start, _forward_layer, _jvp_layer
 
 
 # ---------------------------------------------------------------------------

@@ -1,52 +1,19 @@
-"""The compiled CPU backend: allocates outputs and workspaces, then calls vgcore._kernels.
+"""The compiled CPU backend of dense stacks: allocates outputs and workspaces, then calls vgcore._ext.
 
-Inputs arrive validated and C-contiguous in the stack's dtype (vgcore._api).
-While a kernel runs its OpenMP threads, BLAS is held to one thread so the two
-thread pools never oversubscribe the cores.
+Implements :class:`vgcore.backends.Backend` for the "stack" kind.  Problems
+arrive validated (C-contiguous, the stack's dtype); while a kernel runs its
+OpenMP threads, BLAS is held to one thread (vgcore.backends._threads).
 """
 
 from __future__ import annotations
 
-import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from vgcore import _kernels
-from vgcore._activations import ACTIVATION_CODES
-
-NORM_CODES = {None: 0, "pre": 1, "post": 2}
-
-
-def n_threads() -> int:
-    """Threads the kernels use: OpenMP's current maximum (honours OMP_NUM_THREADS and threadpoolctl)."""
-    return max(1, int(_kernels.max_threads()))
-
-
-@functools.cache
-def n_partitions() -> int:
-    """Blocks the work is cut into: the machine's processor count, never the thread count.
-
-    Fixed per machine, so that results are bitwise the same for any number of
-    threads (BLAS may round a row differently within blocks of other heights).
-    """
-    return max(1, int(_kernels.num_procs()))
-
-
-@functools.cache
-def _threadpool_controller():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _blas_held_to_one_thread():
-    """BLAS limited to one thread while the kernels run.
-
-    With several OpenMP threads calling BLAS the two pools would
-    oversubscribe the cores; with one, BLAS's own threads would make the
-    rounding depend on the thread count.  The kernels parallelise themselves.
-    """
-    return _threadpool_controller().limit(limits=1, user_api="blas")
+from vgcore._activations import ACTIVATION_CODES, NORM_CODES
+from vgcore._ext import _kernels, _spectra
+from vgcore.backends._threads import blas_held_to_one_thread, n_partitions, n_threads
 
 
 def _layer_options(stack) -> tuple[int, bool, float, int]:
@@ -55,23 +22,26 @@ def _layer_options(stack) -> tuple[int, bool, float, int]:
             0.0 if residual is None else float(residual), NORM_CODES[stack.norm])
 
 
-def forward(stack, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+def forward(problem, out: np.ndarray | None) -> np.ndarray:
+    """x_L (B, n); see vgcore.forward."""
+    stack, x = problem.model, problem.x
     if out is None:
         out = np.empty_like(x)
     blocks = min(n_partitions(), x.shape[0])
     threads = min(n_threads(), blocks)
-    with _blas_held_to_one_thread():
+    with blas_held_to_one_thread():
         _kernels.forward(stack.weights, stack.biases, x, *_layer_options(stack), out, blocks, threads)
     return out
 
 
-def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray, segment: int | None = None) -> dict:
+def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
     """The compiled gradient profile; ``segment`` S keeps activations only every S layers.
 
     With S the forward pass is recomputed segment by segment during the
     backward pass (one extra forward pass): memory (L/S + 2S) B n values
     instead of 2 L B n, results bitwise the same.
     """
+    stack, x = problem.model, problem.x
     depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
     threads = n_threads()
     blocks = min(n_partitions(), batch)
@@ -85,7 +55,7 @@ def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray, segment: int
     saturated = np.zeros((blocks, depth), np.int64)
     alive = np.zeros((blocks, depth, width), np.uint8)
     options = _layer_options(stack)
-    with _blas_held_to_one_thread():
+    with blas_held_to_one_thread():
         if segment is None:
             _kernels.gradient_profile(
                 stack.weights, stack.biases, x, grad_output, *options, xs, derivatives, mean_pre,
@@ -107,35 +77,82 @@ def gradient_profile(stack, x: np.ndarray, grad_output: np.ndarray, segment: int
     }
 
 
-def _jacobian_product(kernel, stack, x: np.ndarray, vectors: np.ndarray,
-                      out: np.ndarray | None) -> np.ndarray:
+def _jacobian_product(kernel, problem, vectors: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """Runs a JVP / VJP kernel, in place on ``out`` after copying (and broadcasting) ``vectors``."""
+    stack, x = problem.model, problem.x
     batch, k = x.shape[0], vectors.shape[-2]
     if out is None:
         out = np.empty((batch, k, stack.width), stack.dtype)
     np.copyto(out, vectors)
     threads = n_threads()
     items = _kernels.work_items(batch, k, n_partitions())
-    with _blas_held_to_one_thread():
+    with blas_held_to_one_thread():
         kernel(stack.weights, stack.biases, x, *_layer_options(stack), out, items, threads)
     return out
 
 
-def jvp(stack, x, tangents, out):
-    return _jacobian_product(_kernels.jvp, stack, x, tangents, out)
+def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J(x_b) v, (B, k, n); see vgcore.jvp."""
+    return _jacobian_product(_kernels.jvp, problem, tangents, out)
 
 
-def vjp(stack, x, cotangents, out):
-    return _jacobian_product(_kernels.vjp, stack, x, cotangents, out)
+def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J(x_b)^T u, (B, k, n); see vgcore.vjp."""
+    return _jacobian_product(_kernels.vjp, problem, cotangents, out)
 
 
-def jacobian(stack, x, out):
+def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
+    """d x_L / d x_0 per sample, (B, n, n); see vgcore.jacobian."""
     # Row i of J is J^T e_i: the VJP of the identity gives J in (out, in) layout directly.
-    identity = np.eye(stack.width, dtype=stack.dtype)
-    return _jacobian_product(_kernels.vjp, stack, x, identity, out)
+    identity = np.eye(problem.model.width, dtype=problem.model.dtype)
+    return _jacobian_product(_kernels.vjp, problem, identity, out)
 
 
-def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
+def singular_values(problem) -> np.ndarray:
+    """The compiled Jacobian, then LAPACK's divide-and-conquer SVD per sample, (B, n) descending.
+
+    Samples are spread over the kernels' threads in contiguous chunks; each
+    matrix is factored by one single-threaded LAPACK call whatever the chunking
+    (NumPy releases the GIL there), so results are bitwise the same for any
+    number of threads.
+    """
+    jacobians = jacobian(problem, None)
+    batch, width = jacobians.shape[0], jacobians.shape[-1]
+    out = np.empty((batch, width), jacobians.dtype)
+    chunks = max(1, min(n_threads(), batch))
+    bounds = [(c * batch // chunks, (c + 1) * batch // chunks) for c in range(chunks)]
+
+    def run(bound):
+        start, stop = bound
+        out[start:stop] = np.linalg.svd(jacobians[start:stop], compute_uv=False)
+
+    with blas_held_to_one_thread():
+        if chunks == 1:
+            run(bounds[0])
+        else:
+            with ThreadPoolExecutor(chunks) as pool:
+                list(pool.map(run, bounds))
+    return out
+
+
+def lyapunov_log_growth(problem, k: int) -> np.ndarray:
+    """Unsorted sums over layers of log|R_ii|, (B, k) float64: vgcore._ext._spectra, OpenMP over samples."""
+    stack, x = problem.model, problem.x
+    batch = x.shape[0]
+    blocks = min(n_partitions(), batch)
+    log_growth = np.empty((batch, k))
+    status = np.zeros(blocks, np.intc)
+    with blas_held_to_one_thread():
+        _spectra.lyapunov_log_growth(stack.weights, stack.biases, x, *_layer_options(stack),
+                                     log_growth, status, blocks, min(n_threads(), blocks))
+    if status.any():
+        if (status == -1000).any():
+            raise MemoryError("lyapunov_exponents: could not allocate a thread's workspace")
+        raise RuntimeError(f"lyapunov_exponents: LAPACK reported info {status[status != 0][0]}")
+    return log_growth
+
+
+def gradient_profiles(problems, grad_outputs) -> list[dict]:
     """Gradient profiles of many stacks at once (the sweep's chunk runner).
 
     Stacks of one shape (depth, width, batch, dtype) run in one compiled call,
@@ -144,18 +161,20 @@ def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
 
     Parameters
     ----------
-    stacks : sequence of Stack
-        Validated host stacks.
-    xs, grad_outputs : sequence of ndarray, each (B_i, n_i)
-        Inputs and cotangents in each stack's dtype.
+    problems : sequence of Problem
+        Validated problems on host stacks.
+    grad_outputs : sequence of ndarray, each (B_i, n_i)
+        Cotangents in each stack's dtype.
 
     Returns
     -------
     list of dict
         One :func:`gradient_profile` result per stack, in order.
     """
-    if not (len(stacks) == len(xs) == len(grad_outputs)):
-        raise ValueError("stacks, xs and grad_outputs must have the same length")
+    if len(problems) != len(grad_outputs):
+        raise ValueError("problems and grad_outputs must have the same length")
+    stacks = [problem.model for problem in problems]
+    xs = [problem.x for problem in problems]
     groups: dict[tuple, list[int]] = {}
     for index, (stack, x) in enumerate(zip(stacks, xs, strict=True)):
         groups.setdefault((stack.depth, stack.width, x.shape[0], stack.dtype), []).append(index)
@@ -169,7 +188,7 @@ def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
         log_weight_grad_norm = np.empty((len(chunk), depth))
         saturated = np.zeros((len(chunk), depth), np.int64)
         alive = np.zeros((len(chunk), depth, width), np.uint8)
-        with _blas_held_to_one_thread():
+        with blas_held_to_one_thread():
             _kernels.gradient_profiles(
                 np.array([stack.weights.ctypes.data for stack in chunk], np.intp),
                 np.array([stack.biases.ctypes.data for stack in chunk], np.intp),

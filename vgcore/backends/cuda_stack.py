@@ -1,7 +1,7 @@
 """The CuPy backend: every computation of vgcore on an NVIDIA GPU.
 
 The algorithms are those of the NumPy reference (vgcore._reference) and of the
-compiled CPU kernels (vgcore._kernels), batched over samples on the device:
+compiled CPU kernels (vgcore._ext._kernels), batched over samples on the device:
 
 - matrix products go to cuBLAS through ``cupy.matmul``, one product per layer
   for the whole batch (and for all k vectors of every sample at once in the
@@ -22,10 +22,10 @@ cached.  The sources are looked for in ``vgcore/_csrc`` (an installed package)
 and then in the repository's ``csrc`` (a development checkout).
 
 Importing this module raises ImportError, with the reason, when CuPy does not
-import or no CUDA device is usable; vgcore._api turns that into
-"backend: 'cuda' is not available here (...)".
+import or no CUDA device is usable; the dispatcher (vgcore.backends) turns that
+into "backend: 'cuda' is not available here (...)".
 
-Every public function takes host (NumPy) or device (CuPy) stacks and arrays;
+Every backend function takes problems on host (NumPy) or device (CuPy) stacks;
 results come back where the stack lives.  Inputs are assumed validated by
 vgcore._api (C-contiguous, the stack's dtype, finite).
 """
@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from vgcore._activations import ACTIVATION_CODES, SATURATION_THRESHOLD
+from vgcore._activations import ACTIVATION_CODES, NORM_CODES, SATURATION_THRESHOLD
 
 # The names below are literals on purpose: tests/test_cuda_build.py reads them
 # with ``ast`` (this module cannot be imported without CuPy) and compiles the
@@ -69,15 +68,13 @@ KERNEL_TYPES = {"float32": "float", "float64": "double"}
 #: has host-only helpers for the CPU kernels, which this option makes __device__.
 NVRTC_OPTIONS = ("--device-as-default-execution-space",)
 
-NORM_CODES = {None: 0, "pre": 1, "post": 2}
-
 _REDUCTION_THREADS = 256  # one-block reductions and the weight-gradient partial sums
 _MAX_PARTIALS = 1024
 
 
 def csrc_dir() -> Path:
     """Where the kernel sources are: vgcore/_csrc when installed, else the checkout's csrc/."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # vgcore/
     for candidate in (package / "_csrc", package.parent / "csrc"):
         if (candidate / KERNEL_FILE).is_file() and all(
             (candidate / header).is_file() for header in KERNEL_HEADERS
@@ -492,92 +489,72 @@ def _lyapunov_log_growth(layers: _Layers, x, k: int):
 
 
 # ---------------------------------------------------------------------------
-# The backend: the signatures of vgcore._cpu, host or device stacks
+# The backend (vgcore.backends.Backend for the "stack" kind): host or device stacks
 # ---------------------------------------------------------------------------
 
-def backend():
-    """This module, as vgcore._api's backend object."""
-    return sys.modules[__name__]
-
-
-def _call(stack, compute, *arrays, out=None):
-    """``compute(layers, *device_arrays, device_out)`` on the stack's device; results where the stack is."""
+def _call(problem, compute, *arrays, out=None):
+    """``compute(layers, x, *device_arrays, device_out)`` on the stack's device; results where it is."""
+    stack = problem.model
     host = _on_host(stack)
     layers = _layers(stack)
     with _device_of(layers):
-        arrays = tuple(to_device(a) if isinstance(a, np.ndarray) else a for a in arrays)
+        arrays = tuple(to_device(a) if isinstance(a, np.ndarray) else a for a in (problem.x, *arrays))
         return _deliver(compute(layers, *arrays, None if host else out), out, host)
 
 
-def forward(stack, x, out):
+def forward(problem, out):
     """x_L (B, n); see vgcore.forward."""
-    return _call(stack, _forward, x, out=out)
+    return _call(problem, _forward, out=out)
 
 
-def gradient_profile(stack, x, grad_output) -> dict:
-    """The gradient profile's arrays (float64, on the stack's device); see vgcore.gradient_profile."""
-    host = _on_host(stack)
-    layers = _layers(stack)
+def gradient_profile(problem, grad_output, segment) -> dict:
+    """The gradient profile's arrays (float64, on the stack's device); ``segment`` is a CPU memory mode."""
+    host = _on_host(problem.model)
+    layers = _layers(problem.model)
     with _device_of(layers):
-        result = _gradient_profile(layers, to_device(x), to_device(grad_output))
+        result = _gradient_profile(layers, to_device(problem.x), to_device(grad_output))
     if host:
         return {key: cupy.asnumpy(value) for key, value in result.items()}
     return result
 
 
-def gradient_profiles(stacks, xs, grad_outputs) -> list[dict]:
+def gradient_profiles(problems, grad_outputs) -> list[dict]:
     """Gradient profiles of many stacks (the sweep's chunk runner), one after another.
 
     Each profile is already batched over its samples on the device; kernels
     are queued asynchronously, so the host loop overlaps with the GPU's work.
     """
-    if not (len(stacks) == len(xs) == len(grad_outputs)):
-        raise ValueError("stacks, xs and grad_outputs must have the same length")
-    return [gradient_profile(stack, x, g) for stack, x, g in zip(stacks, xs, grad_outputs, strict=True)]
+    if len(problems) != len(grad_outputs):
+        raise ValueError("problems and grad_outputs must have the same length")
+    return [gradient_profile(problem, g, None) for problem, g in zip(problems, grad_outputs, strict=True)]
 
 
-def jvp(stack, x, tangents, out):
+def jvp(problem, tangents, out):
     """J(x_b) v for tangents (B, k, n) or (k, n) -> (B, k, n)."""
-    return _call(stack, _jvp, x, tangents, out=out)
+    return _call(problem, _jvp, tangents, out=out)
 
 
-def vjp(stack, x, cotangents, out):
+def vjp(problem, cotangents, out):
     """J(x_b)^T u for cotangents (B, k, n) or (k, n) -> (B, k, n)."""
-    return _call(stack, _vjp, x, cotangents, out=out)
+    return _call(problem, _vjp, cotangents, out=out)
 
 
-def jacobian(stack, x, out):
+def jacobian(problem, out):
     """d x_L / d x_0 per sample, (B, n, n)."""
-    return _call(stack, _jacobian, x, out=out)
+    return _call(problem, _jacobian, out=out)
 
 
-def singular_values(stack, x):
-    """Singular values of each sample's input-output Jacobian, (B, n), descending; see vgcore.spectra."""
+def singular_values(problem):
+    """Singular values of each sample's input-output Jacobian, (B, n), descending."""
     def compute(layers, x, out):
         return cupy.linalg.svd(_jacobian(layers, x, None), compute_uv=False)
 
-    return _call(stack, compute, x)
+    return _call(problem, compute)
 
 
-def lyapunov_log_growth(stack, x, k: int | None = None):
-    """The unsorted sums over layers of log |R_ii|, (B, k) float64 (vgcore.spectra._log_growth's twin)."""
-    k = stack.width if k is None else int(k)
-    if not 1 <= k <= stack.width:
-        raise ValueError(f"k: expected 1 <= k <= {stack.width} (the width), got {k}")
-
+def lyapunov_log_growth(problem, k: int):
+    """The unsorted sums over layers of log |R_ii|, (B, k) float64 (the CPU backend's twin)."""
     def compute(layers, x, out):
         return _lyapunov_log_growth(layers, x, k)
 
-    return _call(stack, compute, x)
-
-
-def lyapunov_exponents(stack, x, k: int | None = None):
-    """Per-layer mean log growth rates of k directions, (B, k) float64, descending; see vgcore.spectra."""
-    def compute(layers, x, out):
-        rates = _lyapunov_log_growth(layers, x, k) / layers.depth
-        return cupy.ascontiguousarray(cupy.sort(rates, axis=1)[:, ::-1])
-
-    k = stack.width if k is None else int(k)
-    if not 1 <= k <= stack.width:
-        raise ValueError(f"k: expected 1 <= k <= {stack.width} (the width), got {k}")
-    return _call(stack, compute, x)
+    return _call(problem, compute)

@@ -1,5 +1,3 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: initializedcheck=False, nonecheck=False
 """Compiled CPU kernels of vgcore: forward, backward and Jacobian products of deep stacks.
 
 Conventions (the Python layer in vgcore._api guarantees them; nothing here
@@ -31,7 +29,15 @@ from libc.math cimport INFINITY, exp, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from vgcore._layers cimport (
+from vgcore._ext._layers cimport (
+    LAYER_NORM_EPS,
+    NORM_BATCH,
+    NORM_NONE,
+    NORM_POST,
+    VG_LEAKY_SLOPE,
+    VG_N_ACTIVATIONS,
+    VG_SELU_ALPHA,
+    VG_SELU_SCALE,
     NORM_PRE,
     VG_SATURATION_THRESHOLD,
     _activation_block,
@@ -65,6 +71,19 @@ def num_procs():
 def has_openmp():
     """Whether the extension was compiled with OpenMP."""
     return bool(vg_has_openmp())
+
+
+def compiled_constants():
+    """The constants the kernels were compiled with (csrc headers), for tests against vgcore._activations."""
+    return {
+        "LEAKY_SLOPE": VG_LEAKY_SLOPE,
+        "SELU_ALPHA": VG_SELU_ALPHA,
+        "SELU_SCALE": VG_SELU_SCALE,
+        "SATURATION_THRESHOLD": VG_SATURATION_THRESHOLD,
+        "LAYER_NORM_EPS": LAYER_NORM_EPS,
+        "NORM_CODES": {None: NORM_NONE, "pre": NORM_PRE, "post": NORM_POST, "batch": NORM_BATCH},
+        "N_ACTIVATIONS": VG_N_ACTIVATIONS,
+    }
 
 
 def activation_values(int activation, floating[::1] h, floating[::1] value, floating[::1] derivative):

@@ -1,4 +1,3 @@
-# cython: language_level=3
 """The layer of DESIGN.md on a block of rows, shared by the compiled extensions.
 
 Inline, nogil C-level functions over fused float32 / float64: the BLAS
@@ -16,6 +15,11 @@ from scipy.linalg.cython_blas cimport dgemm, dsyrk, sgemm, ssyrk
 
 cdef extern from "vg_activations.h" nogil:
     double VG_SATURATION_THRESHOLD
+    double VG_LEAKY_SLOPE
+    double VG_SELU_ALPHA
+    double VG_SELU_SCALE
+    enum:
+        VG_N_ACTIVATIONS
     void vg_bias_activation_block_d(int kind, long rows, long n, double *h, const double *bias,
                                     double *derivative)
     void vg_bias_activation_block_f(int kind, long rows, long n, float *h, const float *bias,
@@ -27,6 +31,7 @@ cdef extern from "vg_stack.h" nogil:
         NORM_NONE "VG_NORM_NONE"
         NORM_PRE "VG_NORM_PRE"
         NORM_POST "VG_NORM_POST"
+        NORM_BATCH "VG_NORM_BATCH"
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""The NumPy reference backend of dense stacks: vgcore._reference and _reference_spectra, as a backend.
+
+Implements :class:`vgcore.backends.Backend` for the "stack" kind with the
+plain, obvious code the tests trust; each function only unpacks the problem
+and, where the caller passed ``out``, writes the result there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vgcore import _reference, _reference_spectra
+
+
+def _arguments(problem) -> tuple:
+    """(weights, biases, x) of the problem."""
+    stack = problem.model
+    return stack.weights, stack.biases, problem.x
+
+
+def _options(problem) -> tuple:
+    stack = problem.model
+    return stack.activation, stack.residual, stack.norm
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
+def _per_sample(problem, vectors: np.ndarray) -> np.ndarray:
+    """Vectors (k, n) shared by every sample, broadcast to (B, k, n)."""
+    return np.broadcast_to(vectors, (problem.batch, *vectors.shape[-2:]))
+
+
+def forward(problem, out: np.ndarray | None) -> np.ndarray:
+    """x_L (B, n); see vgcore.forward."""
+    return _into(out, _reference.forward(*_arguments(problem), *_options(problem)))
+
+
+def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
+    """The reference profile; it keeps every activation, so ``segment`` changes nothing."""
+    return _reference.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
+
+
+def gradient_profiles(problems, grad_outputs) -> list[dict]:
+    """One :func:`gradient_profile` after another."""
+    if len(problems) != len(grad_outputs):
+        raise ValueError("problems and grad_outputs must have the same length")
+    return [gradient_profile(problem, g, None) for problem, g in zip(problems, grad_outputs, strict=True)]
+
+
+def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J(x_b) v, (B, k, n); see vgcore.jvp."""
+    return _into(out, _reference.jvp(*_arguments(problem), _per_sample(problem, tangents),
+                                     *_options(problem)))
+
+
+def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J(x_b)^T u, (B, k, n); see vgcore.vjp."""
+    return _into(out, _reference.vjp(*_arguments(problem), _per_sample(problem, cotangents),
+                                     *_options(problem)))
+
+
+def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
+    """d x_L / d x_0 per sample, (B, n, n); see vgcore.jacobian."""
+    return _into(out, _reference.jacobian(*_arguments(problem), *_options(problem)))
+
+
+def singular_values(problem) -> np.ndarray:
+    """Singular values of each sample's Jacobian, (B, n), descending."""
+    return _reference_spectra.singular_values(*_arguments(problem), *_options(problem))
+
+
+def lyapunov_log_growth(problem, k: int) -> np.ndarray:
+    """Unsorted sums over layers of log|R_ii|, (B, k) float64."""
+    return _reference_spectra.lyapunov_log_growth(*_arguments(problem), k, *_options(problem))
