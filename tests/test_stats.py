@@ -302,8 +302,9 @@ def test_never_vanishes():
 
 
 def assert_nan_free(summary: dict) -> None:
-    """No NaN but where it means "not known": chi_theory, and for array input the saturation fields."""
-    not_known = {"chi_theory", "mean_saturation", "mean_dead"}
+    """No NaN but where it means "not known": chi_theory, and for array input the saturation fields
+    and the global weight-gradient norm."""
+    not_known = {"chi_theory", "mean_saturation", "mean_dead", "log_global_norm"}
     for key, value in summary.items():
         if value is not None and key not in not_known:
             assert not math.isnan(value), key
@@ -389,7 +390,9 @@ def test_single_sample():
     profile = make_profile(row[None, :])
     assert profile.batch == 1
     assert stats.summary(profile) == {**stats.summary(row), "chi_theory": 0.5, "mean_saturation": 0.25,
-                                      "mean_dead": 0.125}
+                                      "mean_dead": 0.125,
+                                      # 8 weight gradients of norm 1 (log 0): total sqrt(8)
+                                      "log_global_norm": 0.5 * math.log(8.0)}
 
 
 def test_summary_keys_and_types():

@@ -61,7 +61,7 @@ from numpy.typing import ArrayLike
 
 from vgcore._profile import Profile
 
-__all__ = ["chi", "depth_scale", "imbalance", "summary", "vanishing_depth"]
+__all__ = ["chi", "clip_coefficient", "depth_scale", "global_norm", "imbalance", "summary", "vanishing_depth"]
 
 #: Largest magnitude accepted for a finite log norm (see the module docstring).
 MAX_ABS_LOG_NORM = 1e100
@@ -287,6 +287,51 @@ def _check_k(k: int | None, depth: int, name: str) -> int:
     return int(k)
 
 
+def _log_weight_grad_norms(profile: Profile, name: str) -> np.ndarray:
+    """A (host) Profile's ``log_weight_grad_norm``, validated: shape (L,), no NaN or ``+inf``."""
+    values = _real_array(profile.log_weight_grad_norm, f"{name}.log_weight_grad_norm")
+    depth = profile.depth
+    if values.shape != (depth,):
+        raise ValueError(f"{name}.log_weight_grad_norm: expected shape ({depth},), got {values.shape}")
+    return _checked_log_norms(values, f"{name}.log_weight_grad_norm")
+
+
+def _checked_log_norms(values: np.ndarray, name: str) -> np.ndarray:
+    if np.isnan(values).any():
+        raise ValueError(f"{name}: contains NaN")
+    if np.isposinf(values).any():
+        raise ValueError(f"{name}: contains +inf (only -inf, a zero gradient, is allowed)")
+    finite = values[np.isfinite(values)]
+    if finite.size and np.abs(finite).max() > MAX_ABS_LOG_NORM:
+        raise ValueError(f"{name}: finite log gradient norms must lie within +-{MAX_ABS_LOG_NORM:g}")
+    return values
+
+
+def _log_global_norm(log_norms: np.ndarray) -> float:
+    """``log sqrt(sum_l exp(2 v_l))`` without overflow or underflow: ``m + log(sum exp(2 (v - m))) / 2``."""
+    if log_norms.size == 0:
+        return -math.inf
+    top = float(log_norms.max())
+    if top == -math.inf:  # every gradient exactly zero
+        return -math.inf
+    # each term is in (0, 1] and the largest is exactly 1, so the sum lies in [1, L]
+    return top + 0.5 * math.log(float(np.exp(2.0 * (log_norms - top)).sum()))
+
+
+def _global_norm_of(profile: Any, name: str) -> float:
+    if isinstance(profile, Profile):
+        return _log_global_norm(_log_weight_grad_norms(profile.to_numpy(), name))
+    if profile is None or isinstance(profile, (str, bytes, dict, numbers.Number)):
+        raise TypeError(
+            f"{name}: expected a Profile, a sequence of Profiles or a 1-D array of per-layer log "
+            f"weight-gradient norms, got {type(profile).__name__}"
+        )
+    values = _real_array(profile, name)
+    if values.ndim != 1 or values.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D array of per-layer log norms, got shape {values.shape}")
+    return _log_global_norm(_checked_log_norms(values, name))
+
+
 def _summary(curve: _Curve) -> dict[str, Any]:
     slope, r2 = curve.fit()
     profile = curve.profile
@@ -304,6 +349,7 @@ def _summary(curve: _Curve) -> dict[str, Any]:
     if profile is None:
         result["mean_saturation"] = math.nan
         result["mean_dead"] = math.nan
+        result["log_global_norm"] = math.nan
     else:
         for key, field in (("mean_saturation", "saturation"), ("mean_dead", "dead")):
             values = _real_array(getattr(profile, field), f"profile.{field}")
@@ -312,6 +358,7 @@ def _summary(curve: _Curve) -> dict[str, Any]:
             if not np.isfinite(values).all():
                 raise ValueError(f"profile.{field}: contains NaN or inf")
             result[key] = float(values.mean())
+        result["log_global_norm"] = _log_global_norm(_log_weight_grad_norms(profile, "profile"))
     return result
 
 
@@ -511,12 +558,113 @@ def summary(profile: Any) -> dict[str, Any] | list[dict[str, Any]]:
           geometric-mean norm over the input's (``inf`` if the input's is 0);
         - ``depth``: ``L``;
         - ``mean_saturation``, ``mean_dead``: means over layers of the
-          profile's ``saturation`` and ``dead`` (NaN for array input).
+          profile's ``saturation`` and ``dead`` (NaN for array input);
+        - ``log_global_norm``: :func:`global_norm`, the log of the total
+          weight-gradient norm (NaN for array input).
 
     Raises
     ------
     TypeError, ValueError
         As for :func:`chi`; also ValueError when the profile's
-        ``saturation`` or ``dead`` is not a finite array of shape (L,).
+        ``saturation`` or ``dead`` is not a finite array of shape (L,), or
+        its ``log_weight_grad_norm`` not an array of shape (L,) free of NaN
+        and ``+inf``.
     """
     return _apply(profile, _summary)
+
+
+# --------------------------------------------------------------------------
+# Gradient clipping
+
+
+def _batch_or_one(profile: Any, statistic: Callable[[Any, str], float]) -> float | np.ndarray:
+    batch = _as_batch(profile)
+    if batch is None:
+        return statistic(profile, "profile")
+    values = [statistic(item, f"profile[{index}]") for index, item in enumerate(batch)]
+    return np.asarray(values, dtype=np.float64)
+
+
+@overload
+def global_norm(profile: Sequence[Profile]) -> np.ndarray: ...
+@overload
+def global_norm(profile: Profile | ArrayLike) -> float: ...
+def global_norm(profile: Any) -> float | np.ndarray:
+    """Log of the total weight-gradient norm, ``log sqrt(sum_l ||d loss / d W_l||_F^2)``.
+
+    The norm over all weights that ``torch.nn.utils.clip_grad_norm_`` (and
+    optax's ``clip_by_global_norm``) measures, here over the stack's weight
+    matrices.  Computed in log space from ``profile.log_weight_grad_norm``
+    as ``m + log(sum_l exp(2 (v_l - m))) / 2`` with ``m = max_l v_l``, so it
+    is finite and exact where the plain norms underflow or overflow.
+
+    Parameters
+    ----------
+    profile : Profile, sequence of Profile, or 1-D array-like
+        A gradient profile (its ``log_weight_grad_norm``, shape (L,)), a
+        batch of them, or per-layer log norms ``log ||d loss / d W_l||_F``
+        (any number of layers, at least one).
+
+    Returns
+    -------
+    float or ndarray
+        The log of the total norm; ``-inf`` when every weight gradient is
+        exactly zero; one per profile (float64 array) for a batch.
+
+    Raises
+    ------
+    TypeError
+        ``profile`` is of the wrong type or dtype.
+    ValueError
+        The log norms are not a non-empty 1-D array of shape (L,), or hold
+        NaN, ``+inf`` or finite values beyond +-1e100.
+    """
+    return _batch_or_one(profile, _global_norm_of)
+
+
+@overload
+def clip_coefficient(profile: Sequence[Profile], max_norm: float) -> np.ndarray: ...
+@overload
+def clip_coefficient(profile: Profile | ArrayLike, max_norm: float) -> float: ...
+def clip_coefficient(profile: Any, max_norm: float) -> float | np.ndarray:
+    """The factor gradient clipping by total norm applies: ``min(1, max_norm / total norm)``.
+
+    ``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` multiplies every
+    gradient by this factor (computed there as ``max_norm / (total + 1e-6)``,
+    clamped to 1, a relative difference of ``1e-6 / total``); the total norm
+    is :func:`global_norm`'s.  Computed in log space, as
+    ``exp(min(0, log max_norm - global_norm))``.
+
+    Parameters
+    ----------
+    profile : Profile, sequence of Profile, or 1-D array-like
+        As for :func:`global_norm`.
+    max_norm : float
+        The clipping threshold, positive and finite.
+
+    Returns
+    -------
+    float or ndarray
+        In ``(0, 1]``: 1 when the total norm is at most ``max_norm`` (a zero
+        gradient included); one per profile (float64 array) for a batch.
+
+    Raises
+    ------
+    TypeError
+        ``profile`` or ``max_norm`` is of the wrong type.
+    ValueError
+        ``max_norm`` is not positive and finite; ``profile`` as for
+        :func:`global_norm`.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm: expected a real number, got {type(max_norm).__name__}")
+    max_norm = float(max_norm)
+    if not math.isfinite(max_norm) or max_norm <= 0.0:
+        raise ValueError(f"max_norm: must be positive and finite, got {max_norm}")
+    log_max_norm = math.log(max_norm)
+
+    def coefficient(item: Any, name: str) -> float:
+        log_total = _global_norm_of(item, name)
+        return 1.0 if log_total <= log_max_norm else math.exp(log_max_norm - log_total)
+
+    return _batch_or_one(profile, coefficient)
