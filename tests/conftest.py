@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import vgcore as vg
 from vgcore import _reference, _reference_spectra
+from vgcore._activations import DERIVATIVE_JUMPS
 
 # Deterministic by default (CI): derandomised, no example database, no deadline.
 # VGCORE_HYPOTHESIS=thorough explores more (and randomly) for local runs.
@@ -183,8 +184,6 @@ def assert_profile_matches_reference(profile, stack: vg.Stack, x, grad_output) -
 # Directions and samples whose Jacobian products a problem determines at its precision
 # (shared by the CPU and GPU spectra tests).
 
-# Activations whose derivative jumps at 0: a pre-activation that rounding moves across 0 changes J.
-KINKED = ("relu", "leaky_relu", "selu")
 
 
 def kinks_determined(stack, x):
@@ -197,7 +196,7 @@ def kinks_determined(stack, x):
     and a sample counts when every |h| is over 10 times it.
     """
     batch = x.shape[0]
-    if stack.activation not in KINKED:
+    if stack.activation not in DERIVATIVE_JUMPS:
         return np.ones(batch, bool)
     scale = np.finfo(stack.dtype).eps / np.finfo(np.float32).eps
     pre_activations = []

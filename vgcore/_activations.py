@@ -46,8 +46,11 @@ class Activation(NamedTuple):
         Its value in the C enum of csrc/vg_activations.h (the table's order).
     asymptotes : tuple of 4 floats
         (slope, offset) of the line phi approaches as h -> +inf, then as h -> -inf.
-    kinked : bool
-        phi or phi' jumps at h = 0 (finite differences and QR are unreliable there).
+    jump_order : int or None
+        The lowest order of derivative that jumps at h = 0: 1 where phi' jumps
+        (relu, leaky_relu, selu: a pre-activation rounding across 0 switches the
+        Jacobian), 2 where only phi'' does (elu: finite differences of gradients
+        are unreliable across 0); None for activations smooth at 0.
     piecewise_linear : bool
         phi equals its asymptotes everywhere (closed-form mean-field theory).
     torch : str
@@ -58,7 +61,7 @@ class Activation(NamedTuple):
     name: str
     code: int
     asymptotes: tuple[float, float, float, float]
-    kinked: bool
+    jump_order: int | None
     piecewise_linear: bool
     torch: str
 
@@ -69,18 +72,18 @@ def _table(*rows: tuple) -> dict[str, Activation]:
 
 #: name -> Activation, in the order of the C enum.
 ACTIVATION_TABLE: dict[str, Activation] = _table(
-    # name          asymptotes (+slope, +offset, -slope, -offset)            kinked pw-lin torch
-    ("linear", (1.0, 0.0, 1.0, 0.0), False, True, "Identity"),
-    ("sigmoid", (0.0, 1.0, 0.0, 0.0), False, False, "Sigmoid"),
-    ("tanh", (0.0, 1.0, 0.0, -1.0), False, False, "Tanh"),
-    ("relu", (1.0, 0.0, 0.0, 0.0), True, True, "ReLU"),
-    ("leaky_relu", (1.0, 0.0, LEAKY_SLOPE, 0.0), True, True, "LeakyReLU"),
-    ("elu", (1.0, 0.0, 0.0, -1.0), True, False, "ELU"),
-    ("selu", (SELU_SCALE, 0.0, 0.0, -SELU_SCALE * SELU_ALPHA), True, False, "SELU"),
-    ("gelu", (1.0, 0.0, 0.0, 0.0), False, False, "GELU"),
-    ("silu", (1.0, 0.0, 0.0, 0.0), False, False, "SiLU"),
-    ("softplus", (1.0, 0.0, 0.0, 0.0), False, False, "Softplus"),
-    ("erf", (0.0, 1.0, 0.0, -1.0), False, False, ""),
+    # name, asymptotes (+slope, +offset, -slope, -offset), jump order, piecewise linear, torch
+    ("linear", (1.0, 0.0, 1.0, 0.0), None, True, "Identity"),
+    ("sigmoid", (0.0, 1.0, 0.0, 0.0), None, False, "Sigmoid"),
+    ("tanh", (0.0, 1.0, 0.0, -1.0), None, False, "Tanh"),
+    ("relu", (1.0, 0.0, 0.0, 0.0), 1, True, "ReLU"),
+    ("leaky_relu", (1.0, 0.0, LEAKY_SLOPE, 0.0), 1, True, "LeakyReLU"),
+    ("elu", (1.0, 0.0, 0.0, -1.0), 2, False, "ELU"),
+    ("selu", (SELU_SCALE, 0.0, 0.0, -SELU_SCALE * SELU_ALPHA), 1, False, "SELU"),
+    ("gelu", (1.0, 0.0, 0.0, 0.0), None, False, "GELU"),
+    ("silu", (1.0, 0.0, 0.0, 0.0), None, False, "SiLU"),
+    ("softplus", (1.0, 0.0, 0.0, 0.0), None, False, "Softplus"),
+    ("erf", (0.0, 1.0, 0.0, -1.0), None, False, ""),
 )
 
 #: Public activation names, in the order of the C enum in vg_activations.h.
@@ -89,8 +92,12 @@ ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATION_TABLE)
 #: Activation name -> integer code understood by the compiled kernels.
 ACTIVATION_CODES: dict[str, int] = {name: info.code for name, info in ACTIVATION_TABLE.items()}
 
-#: Activations whose phi or phi' jumps at 0.
-KINKED: frozenset[str] = frozenset(name for name, info in ACTIVATION_TABLE.items() if info.kinked)
+#: Activations whose derivative phi' jumps at 0 (the Jacobian depends on which side of 0 h rounds to).
+DERIVATIVE_JUMPS: frozenset[str] = frozenset(
+    name for name, info in ACTIVATION_TABLE.items() if info.jump_order == 1)
+#: Activations with any derivative jumping at 0 (finite differences of gradients need h away from 0).
+NOT_SMOOTH_AT_ZERO: frozenset[str] = frozenset(
+    name for name, info in ACTIVATION_TABLE.items() if info.jump_order is not None)
 
 
 def _sigmoid_parts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

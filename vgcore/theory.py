@@ -57,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import optimize
 
-from vgcore._activations import LEAKY_SLOPE, SELU_ALPHA, SELU_SCALE, activation
+from vgcore._activations import ACTIVATION_TABLE, LEAKY_SLOPE, activation
 from vgcore._validation import check_activation, check_real
 
 __all__ = ["c_map", "chi1", "critical_sigma_w", "depth_scales", "fixed_point", "q_map"]
@@ -65,23 +65,13 @@ __all__ = ["c_map", "chi1", "critical_sigma_w", "depth_scales", "fixed_point", "
 # --------------------------------------------------------------------------- asymptotes
 
 #: name -> (slope for h > 0, offset for h > 0, slope for h < 0, offset for h < 0)
-#: of the straight line that phi approaches as h -> +inf / -inf.
+#: of the straight line that phi approaches as h -> +inf / -inf (vgcore._activations' table).
 _ASYMPTOTES: dict[str, tuple[float, float, float, float]] = {
-    "linear": (1.0, 0.0, 1.0, 0.0),
-    "sigmoid": (0.0, 1.0, 0.0, 0.0),
-    "tanh": (0.0, 1.0, 0.0, -1.0),
-    "relu": (1.0, 0.0, 0.0, 0.0),
-    "leaky_relu": (1.0, 0.0, LEAKY_SLOPE, 0.0),
-    "elu": (1.0, 0.0, 0.0, -1.0),
-    "selu": (SELU_SCALE, 0.0, 0.0, -SELU_SCALE * SELU_ALPHA),
-    "gelu": (1.0, 0.0, 0.0, 0.0),
-    "silu": (1.0, 0.0, 0.0, 0.0),
-    "softplus": (1.0, 0.0, 0.0, 0.0),
-    "erf": (0.0, 1.0, 0.0, -1.0),
+    name: info.asymptotes for name, info in ACTIVATION_TABLE.items()
 }
 
 #: Activations equal to their asymptote everywhere: piecewise linear through 0.
-_HOMOGENEOUS = frozenset({"linear", "relu", "leaky_relu"})
+_HOMOGENEOUS = frozenset(name for name, info in ACTIVATION_TABLE.items() if info.piecewise_linear)
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -733,3 +723,15 @@ def critical_sigma_w(activation: str, sigma_b: float) -> float:
     """
     name = check_activation(activation)
     return _critical(name, check_real(sigma_b, "sigma_b", minimum=0.0))
+
+
+# Recurrent networks through time (vgcore._theory_recurrent), re-exported here.
+from vgcore._theory_recurrent import (  # noqa: E402
+    gated_log_decay,
+    rnn_chi1,
+    rnn_fixed_point,
+    rnn_lyapunov_exponent,
+    rnn_timescale,
+)
+
+__all__ += ["gated_log_decay", "rnn_chi1", "rnn_fixed_point", "rnn_lyapunov_exponent", "rnn_timescale"]
