@@ -145,8 +145,6 @@ def test_seeds_example_linear_decay_by_0_7_per_layer():
     """20 layers each scaling the gradient by 0.7 leave 0.7^20 = 7.98e-4 of it at the input."""
     depth = 20
     norm_ratio = 0.7 ** (depth - np.arange(depth + 1))  # norm at layer l over the output's
-    assert norm_ratio[0] == pytest.approx(7.98e-4, rel=1e-3)
-    assert norm_ratio[1] == pytest.approx(1.14e-3, rel=1e-2)
     profile = make_profile(np.log(norm_ratio)[None, :])
     assert stats.vanishing_depth(profile, threshold=1e-3) == 20
     assert stats.vanishing_depth(profile, threshold=1.2e-3) == 19
