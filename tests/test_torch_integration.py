@@ -80,6 +80,16 @@ def reference_norms(
     return np.array(out)
 
 
+def layer_rows(monitor: GradientMonitor) -> np.ndarray:
+    """The monitor's recorded per-layer norms (steps, layers), without the total column."""
+    return monitor.history[monitor.layer_names].to_numpy()
+
+
+def grad_norms(groups: dict[str, list[nn.Parameter]]) -> list[float]:
+    """Per-group norms of the parameters' current ``.grad``, in float64."""
+    return [math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)) for ps in groups.values()]
+
+
 def tokens(seed: int, batch: int = 16, length: int = 5, vocab: int = 11) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -141,9 +151,10 @@ def test_norms_equal_autograd_norms_per_linear_layer():
         loss.backward()
         monitor.step()
         history = monitor.history
-    assert list(history.columns) == ["0", "2", "4"]
-    assert history.shape == (1, 3)
-    np.testing.assert_allclose(history.iloc[0].to_numpy(), expected, rtol=1e-6)
+    assert list(history.columns) == ["0", "2", "4", "total"]
+    assert history.shape == (1, 4)
+    np.testing.assert_allclose(history.iloc[0, :3].to_numpy(), expected, rtol=1e-6)
+    assert history["total"].iloc[0] == pytest.approx(math.sqrt(np.sum(expected**2)), rel=1e-6)
 
 
 def test_norms_equal_autograd_norms_per_block():
@@ -155,7 +166,7 @@ def test_norms_equal_autograd_norms_per_block():
         expected = reference_norms(model, loss, resolve_layers(model))
         loss.backward()
         monitor.step()
-        got = monitor.history.iloc[0].to_numpy()
+        got = layer_rows(monitor)[0]
     assert np.all(expected > 0)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -188,7 +199,7 @@ def test_inplace_relu_norms_equal_autograd():
         expected = reference_norms(model, loss, resolve_layers(model))
         loss.backward()
         monitor.step()
-        got = monitor.history.iloc[0].to_numpy()
+        got = layer_rows(monitor)[0]
     assert np.all(expected > 0)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -210,7 +221,7 @@ def test_gradient_accumulation_records_the_norm_of_the_summed_gradient():
         for x in batches:
             model(x).pow(2).mean().backward()
         monitor.step()
-        got = monitor.history.iloc[0].to_numpy()
+        got = layer_rows(monitor)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert not np.allclose(got, single, rtol=1e-3)  # not the last micro-batch's alone
 
@@ -225,7 +236,7 @@ def test_zero_grad_after_backward_does_not_change_the_recorded_norm():
         loss.backward()
         model.zero_grad(set_to_none=True)  # before monitor.step()
         monitor.step()
-        np.testing.assert_allclose(monitor.history.iloc[0].to_numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(layer_rows(monitor)[0], expected, rtol=1e-5)
 
 
 def test_fused_norms_of_mixed_dtypes_equal_plain_norms():
@@ -254,7 +265,7 @@ def test_sparse_embedding_gradient():
         loss.backward()
         assert model[0].weight.grad.is_sparse
         monitor.step()
-        got = monitor.history.iloc[0].to_numpy()
+        got = layer_rows(monitor)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -269,7 +280,7 @@ def test_grad_scaler_norms_are_unscaled():
         scaler.scale(loss).backward()
         raw = model[0].weight.grad.norm().item()
         monitor.step()
-        got = monitor.history.iloc[0].to_numpy()
+        got = layer_rows(monitor)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert raw > 1000 * got[0]  # the gradients themselves were scaled
 
@@ -280,14 +291,14 @@ def test_grad_scaler_norms_are_unscaled():
 
 def test_every_defers_the_host_copy_and_history_flushes():
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
-    with GradientMonitor(model, every=3) as monitor:
+    with GradientMonitor(model, every=3, step_on_backward=False) as monitor:
         for _ in range(2):
             model(torch.randn(4, 3)).sum().backward()
             monitor.step()
-        assert len(monitor._pending) == 2 and not monitor._rows  # still on the device
+        assert len(monitor._pending) == 2 and not len(monitor._history)  # still on the device
         model(torch.randn(4, 3)).sum().backward()
         monitor.step()
-        assert not monitor._pending and len(monitor._rows) == 3  # one copy for three steps
+        assert not monitor._pending and len(monitor._history) == 3  # one copy for three steps
         model(torch.randn(4, 3)).sum().backward()
         monitor.step()
         history = monitor.history  # reading flushes the partial batch
@@ -308,6 +319,115 @@ def test_optimizer_drives_the_steps_and_steps_without_backward_are_not_recorded(
         optimizer.step()  # no backward since the last step
         assert monitor.steps == 5
         assert list(monitor.history.index) == [0, 1, 2, 3]
+
+
+def test_without_optimizer_or_step_every_backward_pass_ends_a_step():
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    batches = [torch.randn(5, 3) for _ in range(3)]
+    expected = []
+    with GradientMonitor(model) as monitor:
+        for x in batches:
+            model.zero_grad()
+            loss = model(x).pow(2).mean()
+            expected.append(reference_norms(model, loss, resolve_layers(model)))
+            loss.backward()
+        assert monitor.steps == 3
+        np.testing.assert_allclose(layer_rows(monitor), expected, rtol=1e-5)
+        assert list(monitor.history.index) == [0, 1, 2]
+
+
+def test_first_step_call_takes_the_earlier_backward_passes_as_its_micro_batches():
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    groups = resolve_layers(model)
+    micro = [torch.randn(5, 3) for _ in range(4)]
+    with GradientMonitor(model) as monitor:
+        for x in micro[:2]:  # step 0: two micro-batches, then the first explicit step()
+            model(x).pow(2).mean().backward()
+        accumulated = grad_norms(groups)
+        assert len(monitor.history) == 2  # until step() is called, each backward pass is a step
+        monitor.step()
+        model.zero_grad()
+        for x in micro[2:]:  # step 1: explicit from now on, two micro-batches make one row
+            model(x).pow(2).mean().backward()
+        accumulated_1 = grad_norms(groups)
+        monitor.step()
+        assert monitor.steps == 2
+        assert list(monitor.history.index) == [0, 1]
+        np.testing.assert_allclose(layer_rows(monitor), [accumulated, accumulated_1], rtol=1e-5)
+
+
+def test_without_hooks_step_measures_the_gradients_as_they_stand_and_measure_takes_a_subset():
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    with GradientMonitor(model, hooks=False) as monitor:
+        assert monitor.num_hooks == 0
+        loss = model(torch.randn(6, 3)).pow(2).mean()
+        expected = reference_norms(model, loss, resolve_layers(model))
+        loss.backward()
+        assert len(monitor.history) == 0  # no hook saw the backward pass
+        monitor.step()
+        np.testing.assert_allclose(layer_rows(monitor)[0], expected, rtol=1e-5)
+        # measure() of one layer's parameters, with a loss scale to divide out
+        for p in model.parameters():
+            p.grad.mul_(8.0)
+        monitor.measure(model[2].parameters(), scale=8.0)
+        monitor.step()
+        row = layer_rows(monitor)[1]
+        assert row[0] == 0.0  # not measured in this step: no gradient seen
+        assert row[1] == pytest.approx(expected[1], rel=1e-5)
+    with pytest.raises(ValueError, match="step_on_backward"):
+        GradientMonitor(model, hooks=False, step_on_backward=True)
+
+
+def run_with_known_totals(
+    scales: list[float], max_norm: float | None = None
+) -> tuple[GradientMonitor, float]:
+    """A monitor over steps whose gradients are ``scale * g`` for one fixed g; returns it and ||g||."""
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    base = reference_norms(model, model(x).pow(2).mean(), resolve_layers(model))
+    monitor = GradientMonitor(model, max_norm=max_norm)
+    for scale in scales:
+        model.zero_grad()
+        (scale * model(x).pow(2).mean()).backward()
+        monitor.step()
+    monitor.close()
+    return monitor, float(np.sqrt(np.sum(base**2)))
+
+
+def test_clipping_fraction_and_mean_coefficient_are_exact_on_known_norms():
+    scales = [1.0, 2.0, 4.0, 8.0, 0.5]
+    monitor, base = run_with_known_totals(scales)
+    max_norm = 3.0 * base  # steps with scale 4 and 8 are clipped, 1, 2, 0.5 are not
+    totals = monitor.history["total"].to_numpy()
+    np.testing.assert_allclose(totals, np.array(scales) * base, rtol=1e-12)
+    fraction, coefficient = monitor.clipping(max_norm)
+    assert fraction == 2 / 5
+    assert coefficient == pytest.approx((max_norm / (4 * base) + max_norm / (8 * base)) / 2, rel=1e-12)
+    assert monitor.clipping(max_norm, window=2) == pytest.approx((0.5, max_norm / (8 * base)), rel=1e-12)
+    none = monitor.clipping(100 * base)
+    assert none.fraction == 0.0 and math.isnan(none.mean_coefficient)
+    # the torch clip applies the same factor to the same gradients
+    assert monitor.clipping(1e-9 * base).fraction == 1.0
+
+
+def test_clipping_and_exploding_over_time_findings():
+    growing = [2.0**k for k in range(6)]  # the total doubles every step: x32 across the window
+    monitor, _ = run_with_known_totals(growing, max_norm=1e-9)
+    kinds = [f.kind for f in monitor.check(window=6, max_norm=1e12)]
+    assert "clipping" in kinds
+    over_time = [f for f in monitor.check(window=6, max_norm=1e12) if "exponentially" in f.message]
+    assert over_time and over_time[0].kind == "exploding"
+    assert over_time[0].value == pytest.approx(32.0, rel=1e-6)
+    slower = monitor.check(window=6, max_norm=1e12, growth_threshold=64)
+    assert not [f for f in slower if "exponent" in f.message]
+    steady, _ = run_with_known_totals([1.0, 1.1, 0.9, 1.0, 1.05, 0.95], max_norm=1e9)
+    assert steady.check(window=6) == []
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientMonitor(nn.Linear(2, 2), max_norm=0.0)
 
 
 def test_close_removes_every_hook():
@@ -399,7 +519,9 @@ def test_frozen_layers_are_frozen_not_vanished():
     assert frozen == ["embeddings", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
     monitor = run_one_step(model, tokens(4))
     history = monitor.history
-    assert history.iloc[0, :4].isna().all() and (history.iloc[0, 4:] > 0).all()
+    assert history.iloc[0, :4].isna().all() and (history.iloc[0, 4:8] > 0).all()
+    # the total is over the layers not frozen
+    assert history["total"].iloc[0] == pytest.approx(np.sqrt(np.square(history.iloc[0, 4:8]).sum()))
     findings = monitor.check()
     assert [f.kind for f in findings] == ["frozen"]
     assert findings[0].layers == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
@@ -424,7 +546,7 @@ def test_layers_frozen_when_the_monitor_starts_are_watched_once_unfrozen():
         expected = reference_norms(model, loss, resolve_layers(model))
         loss.backward()
         monitor.step()
-        history = monitor.history.to_numpy()
+        history = layer_rows(monitor)
     assert np.isnan(history[0, :2]).all()
     np.testing.assert_allclose(history[1], expected, rtol=1e-5)
 
@@ -502,7 +624,7 @@ def test_profile_window_is_a_geometric_mean_and_no_step_raises():
         (scale * model(torch.ones(3, 2)).sum()).backward()
         monitor.step()
     monitor.close()
-    rows = monitor.history.to_numpy()
+    rows = layer_rows(monitor)
     geometric = np.sqrt(rows[0] * rows[1])
     got = monitor.profile(window=2)["grad_norm"]
     np.testing.assert_allclose(list(got.values()), geometric, rtol=1e-12)
@@ -581,7 +703,7 @@ def test_auto_decay_from_a_monitor_uses_its_history():
             model.zero_grad()
             model(torch.randn(16, 16, generator=torch.Generator().manual_seed(seed))).pow(2).mean().backward()
             monitor.step()
-    mean_log = np.log(monitor.history.to_numpy()).mean(axis=0)
+    mean_log = np.log(layer_rows(monitor)).mean(axis=0)
     slope = np.polyfit(np.arange(mean_log.size), mean_log, 1)[0]
     expected = min(max(math.exp(-slope), 0.1), 1.0)
     assert expected < 1.0  # the sigmoid stack's gradients do shrink towards the input
