@@ -124,20 +124,37 @@ def forward(weights, biases, x, activation_name, residual, norm) -> np.ndarray:
     return forward_with_caches(weights, biases, x, activation_name, residual, norm)[0]
 
 
-def gradient_profile(weights, biases, x, grad_output, activation_name, residual, norm):
-    """Per-layer gradient measurements, with per-layer renormalisation.
+def derivative_statistics(derivatives: np.ndarray) -> dict:
+    """``saturation`` and ``dead`` (L,) float64 of per-layer derivatives (L, B, m) (every model kind).
 
-    Returns a dict with ``log_grad_norm`` (B, L+1), ``log_weight_grad_norm``
-    (L,), ``saturation`` (L,) and ``dead`` (L,), all float64.
-
-    The cotangent of each sample is rescaled to unit norm after every layer
-    and the log of the factor is carried in ``log_scale``; since every layer's
-    backward map is linear in the cotangent, the logs are exact at any depth.
-    The weight gradient of layer l sums samples of different scales, so it is
-    formed with weights exp(log_scale_b - max log_scale), again exact.
+    saturation: fraction of the B * m entries with |phi'| < SATURATION_THRESHOLD;
+    dead: fraction of the m units whose phi' is exactly 0 on every sample.
     """
-    depth, batch = len(weights), x.shape[0]
-    _, caches = forward_with_caches(weights, biases, x, activation_name, residual, norm)
+    saturation = (np.abs(derivatives) < SATURATION_THRESHOLD).mean(axis=(1, 2))
+    dead = (derivatives == 0).all(axis=1).mean(axis=1)
+    return {"saturation": saturation.astype(np.float64), "dead": dead.astype(np.float64)}
+
+
+def renormalised_backward(depth: int, grad_output: np.ndarray, layer_vjp_at, *,
+                          coupled: bool = False) -> dict:
+    """The renormalised backward pass of every model kind's reference.
+
+    ``layer_vjp_at(l, g)`` maps the unit-scaled cotangent g (B, n) at the
+    output of layer (step) l = depth .. 1 to ``(g_in, g_h, u)``: the cotangent
+    at the layer's input, the cotangent at its pre-activations (B, m) and the
+    linear input u (B, n) whose outer products with g_h make d loss / d W_l.
+
+    Each sample's cotangent is rescaled to unit norm after every layer and the
+    log of the factor carried in float64, so the logs are exact at any depth.
+    With ``coupled`` (batch norm: samples interact) the whole batch is
+    rescaled by one factor, its Frobenius norm, since rescaling samples apart
+    would not commute with the coupled Jacobian.  The weight gradient sums
+    samples of different scales, so it is formed with weights
+    exp(log_scale_b - max log_scale), again exact.
+
+    Returns ``log_grad_norm`` (B, depth+1) and ``log_weight_grad_norm`` (depth,), float64.
+    """
+    batch = grad_output.shape[0]
     log_grad_norm = np.empty((batch, depth + 1))
     log_weight_grad_norm = np.empty(depth)
     log_scale = np.zeros(batch)
@@ -146,27 +163,39 @@ def gradient_profile(weights, biases, x, grad_output, activation_name, residual,
         for layer in range(depth, -1, -1):
             norm_b = np.linalg.norm(g.astype(np.float64), axis=1)
             log_grad_norm[:, layer] = log_scale + np.log(norm_b)
-            safe = np.where(norm_b > 0, norm_b, 1.0)
-            g = (g / safe[:, None].astype(g.dtype)).astype(g.dtype, copy=False)
-            log_scale = log_scale + np.log(safe)
+            if coupled:
+                total = float(np.linalg.norm(norm_b))
+                factor = np.full(batch, total if total > 0 else 1.0)
+            else:
+                factor = np.where(norm_b > 0, norm_b, 1.0)
+            g = (g / factor[:, None].astype(g.dtype)).astype(g.dtype, copy=False)
+            log_scale = log_scale + np.log(factor)
             if layer == 0:
                 break
-            cache = caches[layer - 1]
-            g, g_h = layer_vjp(weights[layer - 1], cache, g, residual, norm)
+            g, g_h, u = layer_vjp_at(layer, g)
             sample_weight = np.exp(log_scale - log_scale.max())
-            weight_grad = (g_h * sample_weight[:, None].astype(g_h.dtype)).T @ cache.u
+            weight_grad = (g_h * sample_weight[:, None].astype(g_h.dtype)).T @ u
             log_weight_grad_norm[layer - 1] = log_scale.max() + np.log(
                 np.linalg.norm(weight_grad.astype(np.float64))
             )
-    derivatives = np.stack([cache.derivative for cache in caches])  # (L, B, n)
-    saturation = (np.abs(derivatives) < SATURATION_THRESHOLD).mean(axis=(1, 2))
-    dead = (derivatives == 0).all(axis=1).mean(axis=1)
-    return {
-        "log_grad_norm": log_grad_norm,
-        "log_weight_grad_norm": log_weight_grad_norm,
-        "saturation": saturation.astype(np.float64),
-        "dead": dead.astype(np.float64),
-    }
+    return {"log_grad_norm": log_grad_norm, "log_weight_grad_norm": log_weight_grad_norm}
+
+
+def gradient_profile(weights, biases, x, grad_output, activation_name, residual, norm):
+    """Per-layer gradient measurements, with per-layer renormalisation (:func:`renormalised_backward`).
+
+    Returns a dict with ``log_grad_norm`` (B, L+1), ``log_weight_grad_norm``
+    (L,), ``saturation`` (L,) and ``dead`` (L,), all float64.
+    """
+    _, caches = forward_with_caches(weights, biases, x, activation_name, residual, norm)
+
+    def layer_vjp_at(layer, g):
+        cache = caches[layer - 1]
+        g, g_h = layer_vjp(weights[layer - 1], cache, g, residual, norm)
+        return g, g_h, cache.u
+
+    result = renormalised_backward(len(weights), grad_output, layer_vjp_at)
+    return {**result, **derivative_statistics(np.stack([cache.derivative for cache in caches]))}
 
 
 def jvp(weights, biases, x, tangents, activation_name, residual, norm) -> np.ndarray:
