@@ -16,6 +16,7 @@ See docs/ARCHITECTURE.md for the data flow of a call.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,13 @@ __all__ = [
 _GRAD_OUTPUT_STREAM = 0x67726164  # "grad"
 
 
-def _bind(stack: Any, x: Any, call: dict) -> Problem:
-    """The validated problem of ``stack`` at ``x``; TypeError/ValueError naming the argument."""
-    return check_model(stack).bind(x, **call)
+def _prepare(stack: Any, x: Any, backend: Any, **call: Any) -> tuple[ModuleType, Problem]:
+    """The implementation for ``stack`` on ``backend`` and the validated problem at ``x``.
+
+    Raises TypeError / ValueError naming the argument (stack, backend, x, steps, ...).
+    """
+    implementation_module = implementation(check_model(stack), backend)
+    return implementation_module, stack.bind(x, **call)
 
 
 def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any):
@@ -72,8 +77,7 @@ def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     out = _out(out, tuple(problem.x.shape), problem)
     return backend_module.forward(problem, out)
 
@@ -157,13 +161,13 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     segment = _check_segment(segment, problem.depth)
     if grad_output is None:
         grad_output = default_grad_output(stack, problem.batch)
     else:
-        grad_output = stack.bind(grad_output, name="grad_output").x
+        # the same call keywords: a recurrent model needs steps (and inputs) to bind anything
+        grad_output = stack.bind(grad_output, name="grad_output", steps=steps, inputs=inputs).x
         if grad_output.shape != problem.x.shape:
             raise ValueError(f"grad_output: expected shape {tuple(problem.x.shape)}, "
                              f"got {tuple(grad_output.shape)}")
@@ -174,8 +178,7 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
 def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, out: Any, backend: Any,
                       call: dict):
     """Validation and dispatch shared by jvp and vjp; ``name`` is the vectors' argument name."""
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, call)
+    backend_module, problem = _prepare(stack, x, backend, **call)
     vectors = check.vectors_array(vectors, name, batch=problem.batch, width=stack.state_width,
                                   dtype=stack.dtype, like=problem.x, device=stack.device)
     shape = (problem.batch, vectors.shape[-2], stack.state_width)
@@ -267,8 +270,7 @@ def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", step
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     width = stack.state_width
     out = _out(out, (problem.batch, width, width), problem)
     return backend_module.jacobian(problem, out)
@@ -303,8 +305,7 @@ def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | N
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, {"steps": steps, "inputs": inputs})
+    backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     return backend_module.singular_values(problem)
 
 
@@ -364,8 +365,7 @@ def lyapunov_exponents(stack: Any, x: Any, k: int | None = None, *, backend: str
     TypeError, ValueError
         Naming the offending argument, before any work.
     """
-    backend_module = implementation(check_model(stack), backend)
-    problem = _bind(stack, x, {"steps": steps, "inputs": inputs, "warmup": warmup})
+    backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs, warmup=warmup)
     k = _check_k(k, stack.state_width)
     rates = backend_module.lyapunov_log_growth(problem, k) / problem.depth
     xp = check.array_namespace(rates)
