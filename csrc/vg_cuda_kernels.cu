@@ -1,5 +1,5 @@
 /*
- * vg_cuda_kernels.cu -- the CUDA kernels of vgcore's CuPy mirror (vgcore/_cuda.py).
+ * vg_cuda_kernels.cu -- the CUDA kernels of vgcore's CuPy mirror (vgcore/backends/cuda_stack.py).
  *
  * CuPy builds this file at run time with NVRTC (cupy.RawModule, once per
  * device), instantiating each template kernel for float and double through
@@ -13,7 +13,7 @@
  * fixed number of launches whatever the batch.  A kernel that reduces over a
  * row runs one block per row (blockDim.x a multiple of 32, at most 1024,
  * grid = rows); sums are taken in double, as the CPU kernels take them
- * (vgcore/_kernels.pyx), and in a fixed order, so results are deterministic.
+ * (vgcore/_ext/_kernels.pyx), and in a fixed order, so results are deterministic.
  *
  * Layouts are row-major and C-contiguous.  A row is one vector of n
  * features.  With per_sample = k, rows b*k .. b*k + k - 1 belong to sample b,
@@ -80,6 +80,58 @@ __device__ __forceinline__ double vg_block_max(double value, double *scratch)
     return scratch[0];
 }
 
+/* ---- layer norm of one row (one block per row) -------------------------- */
+
+/* out <- (v - mean) * inv_std over the calling block's row, given each thread's partial
+   sum of v; returns inv_std.  Two passes, as the CPU kernel: the mean in double rounded
+   to T, then the variance of the rounded deviations in double.  out may alias v.
+   Every thread of the block must call it. */
+template <typename T>
+__device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const T *v, T *out, double *scratch)
+{
+    const T mean = (T)(vg_block_sum(partial_sum, scratch) / n);
+    double var = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double centred = (double)(v[i] - mean);
+        var += centred * centred;
+    }
+    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        out[i] = (v[i] - mean) * inv_std;
+    return inv_std;
+}
+
+/* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
+   Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row. */
+template <typename T>
+__device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, double *scratch,
+                                                    double *g_mean, double *gx_mean)
+{
+    double g_total = 0, gx_total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        g_total += (double)gr[i];
+        gx_total += (double)gr[i] * xhat[i];
+    }
+    *g_mean = vg_block_sum(g_total, scratch) / n;
+    *gx_mean = vg_block_sum(gx_total, scratch) / n;
+}
+
+/* out <- J_LN in (+ addend) over the calling block's row, J_LN the layer norm's (symmetric)
+   Jacobian at the normalised vector xhat with scale inv_std:
+   inv_std (in - mean(in) - xhat mean(xhat in)).  out may alias in or addend; addend may be
+   NULL.  Every thread of the block must call it. */
+template <typename T>
+__device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, const T *xhat, T inv_std,
+                                                          const T *addend, T *out, double *scratch)
+{
+    double g_mean, gx_mean;
+    vg_layer_norm_means(n, in, xhat, scratch, &g_mean, &gx_mean);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const T v = inv_std * (T)((double)in[i] - g_mean - (double)xhat[i] * gx_mean);
+        out[i] = addend != nullptr ? addend[i] + v : v;
+    }
+}
+
 /* ---- forward pass ------------------------------------------------------ */
 
 /* out[r] = LN(v[r]) = (v[r] - mean) * inv_std and inv_std_out[r]: the pre-norm's
@@ -91,19 +143,10 @@ __global__ void vg_layer_norm_rows(int rows, int n, const T *v, T *out, T *inv_s
     __shared__ double scratch[32];
     const long long row = blockIdx.x;
     const T *vr = v + row * n;
-    T *outr = out + row * n;
     double total = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         total += (double)vr[i];
-    const T mean = (T)(vg_block_sum(total, scratch) / n);
-    double var = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const double centred = (double)(vr[i] - mean);
-        var += centred * centred;
-    }
-    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        outr[i] = (vr[i] - mean) * inv_std;
+    const T inv_std = vg_layer_norm_row(n, total, vr, out + row * n, scratch);
     if (threadIdx.x == 0)
         inv_std_out[row] = inv_std;
 }
@@ -133,35 +176,12 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
     }
     if (norm != VG_NORM_POST)
         return; /* uniform over the block: no thread is left waiting at a barrier */
-    const T mean = (T)(vg_block_sum(total, scratch) / n);
-    double var = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const double centred = (double)(hr[i] - mean);
-        var += centred * centred;
-    }
-    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        hr[i] = (hr[i] - mean) * inv_std;
+    const T inv_std = vg_layer_norm_row(n, total, (const T *)hr, hr, scratch);
     if (threadIdx.x == 0)
         inv_std_post[row] = inv_std;
 }
 
 /* ---- Jacobian products ------------------------------------------------- */
-
-/* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
-   Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row. */
-template <typename T>
-__device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, double *scratch,
-                                                    double *g_mean, double *gx_mean)
-{
-    double g_total = 0, gx_total = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        g_total += (double)gr[i];
-        gx_total += (double)gr[i] * xhat[i];
-    }
-    *g_mean = vg_block_sum(g_total, scratch) / n;
-    *gx_mean = vg_block_sum(gx_total, scratch) / n;
-}
 
 /* out[r] = J_LN in[r] (+ addend[r]) with J_LN the layer norm's (symmetric) Jacobian of
    sample r / per_sample, whose normalised vector is normalised[s] and scale inv_std[s];
@@ -177,14 +197,8 @@ __global__ void vg_layer_norm_product(int rows, int n, int per_sample, const T *
     const T *inr = in + row * n;
     T *outr = out + row * n;
     if (normalised != nullptr) {
-        const T *xhat = normalised + sample * n;
-        const T scale = inv_std[sample];
-        double g_mean, gx_mean;
-        vg_layer_norm_means(n, inr, xhat, scratch, &g_mean, &gx_mean);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const T v = scale * (T)((double)inr[i] - g_mean - (double)xhat[i] * gx_mean);
-            outr[i] = addend != nullptr ? addend[row * n + i] + v : v;
-        }
+        vg_layer_norm_product_row(n, inr, normalised + sample * n, inv_std[sample],
+                                  addend != nullptr ? addend + row * n : nullptr, outr, scratch);
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             outr[i] = addend != nullptr ? addend[row * n + i] + inr[i] : inr[i];
@@ -207,14 +221,9 @@ __global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residua
     const long long row = blockIdx.x, sample = row / per_sample;
     T *gr = g + row * n;
     const T *dr = derivative + sample * n;
-    if (norm == VG_NORM_POST) {
-        const T *xhat = out_cache + sample * n;
-        const T scale = inv_std_post[sample];
-        double g_mean, gx_mean;
-        vg_layer_norm_means(n, gr, xhat, scratch, &g_mean, &gx_mean);
-        for (int i = threadIdx.x; i < n; i += blockDim.x)
-            gr[i] = scale * (T)((double)gr[i] - g_mean - (double)xhat[i] * gx_mean);
-    }
+    if (norm == VG_NORM_POST)
+        vg_layer_norm_product_row(n, (const T *)gr, out_cache + sample * n, inv_std_post[sample],
+                                  (const T *)nullptr, gr, scratch);
     const T scale = has_residual ? residual : (T)1;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const T value = scale * gr[i] * dr[i];
@@ -241,14 +250,9 @@ __global__ void vg_jvp_epilogue(int rows, int n, int per_sample, int has_residua
     const T *hr = t_h + row * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         tr[i] = has_residual ? tr[i] + residual * (dr[i] * hr[i]) : dr[i] * hr[i];
-    if (norm != VG_NORM_POST)
-        return;
-    const T *xhat = out_cache + sample * n;
-    const T scale = inv_std_post[sample];
-    double g_mean, gx_mean;
-    vg_layer_norm_means(n, (const T *)tr, xhat, scratch, &g_mean, &gx_mean);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        tr[i] = scale * (T)((double)tr[i] - g_mean - (double)xhat[i] * gx_mean);
+    if (norm == VG_NORM_POST)
+        vg_layer_norm_product_row(n, (const T *)tr, out_cache + sample * n, inv_std_post[sample],
+                                  (const T *)nullptr, tr, scratch);
 }
 
 /* ---- gradient profile ---------------------------------------------------- */
@@ -333,7 +337,7 @@ __global__ void vg_dot_partials(long long count, const T *a, const T *b, double 
 
 /* One block: *out = log ||dL/dW|| = stats[0] + log(stats[1]) + log(sum of partials) / 2,
    -inf for a zero gradient.  The partials hold ||G_w^T U_s||_F^2 with G_w the weighted
-   cotangents at h and U_s the scaled linear inputs (vgcore._cuda.gradient_profile). */
+   cotangents at h and U_s the scaled linear inputs (vgcore.backends.cuda_stack). */
 extern "C" __global__ void vg_weight_gradient_log_norm(int count, const double *partials,
                                                        const double *stats, double *out)
 {
