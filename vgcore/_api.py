@@ -45,10 +45,12 @@ def _prepare(stack: Any, x: Any, backend: Any, **call: Any) -> tuple[ModuleType,
     return implementation_module, stack.bind(x, **call)
 
 
-def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any):
-    """Validated ``out`` of ``shape``, overlapping neither the problem's arrays nor ``others``."""
+def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any, given: tuple = ()):
+    """Validated ``out`` of ``shape``, overlapping neither the problem's arrays nor ``others``,
+    nor the caller's arguments as ``given`` (before conversion, which may have copied them)."""
     inputs = (problem.x, problem.inputs, *problem.model.parameters, *others)
-    return check.check_out(out, shape, problem.model.dtype, tuple(a for a in inputs if a is not None))
+    return check.check_out(out, shape, problem.model.dtype, tuple(a for a in inputs if a is not None),
+                           tuple(a for a in given if a is not None))
 
 
 def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps: int | None = None,
@@ -78,7 +80,7 @@ def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps
         Naming the offending argument, before any work.
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
-    out = _out(out, tuple(problem.x.shape), problem)
+    out = _out(out, tuple(problem.x.shape), problem, given=(x, inputs))
     return backend_module.forward(problem, out)
 
 
@@ -179,10 +181,11 @@ def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, ou
                       call: dict):
     """Validation and dispatch shared by jvp and vjp; ``name`` is the vectors' argument name."""
     backend_module, problem = _prepare(stack, x, backend, **call)
+    given_vectors = vectors
     vectors = check.vectors_array(vectors, name, batch=problem.batch, width=stack.state_width,
                                   dtype=stack.dtype, like=problem.x, device=stack.device)
     shape = (problem.batch, vectors.shape[-2], stack.state_width)
-    out = _out(out, shape, problem, vectors)
+    out = _out(out, shape, problem, vectors, given=(x, call.get("inputs"), given_vectors))
     return getattr(backend_module, kind)(problem, vectors, out)
 
 
@@ -272,7 +275,7 @@ def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", step
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     width = stack.state_width
-    out = _out(out, (problem.batch, width, width), problem)
+    out = _out(out, (problem.batch, width, width), problem, given=(x, inputs))
     return backend_module.jacobian(problem, out)
 
 

@@ -218,8 +218,22 @@ def _moments(name: str, q: float) -> _Moments:
 # --------------------------------------------------------------------------- validation
 
 
+#: The theory works with sigma_w**2 and sigma_b**2: they must be finite, and sigma_w**2 a normal float.
+SIGMA_W_RANGE = (math.sqrt(np.finfo(float).tiny), math.sqrt(np.finfo(float).max))
+SIGMA_B_MAX = SIGMA_W_RANGE[1]
+
+
 def _check_sigmas(sigma_w: object, sigma_b: object) -> tuple[float, float]:
-    return check_real(sigma_w, "sigma_w", positive=True), check_real(sigma_b, "sigma_b", minimum=0.0)
+    sigma_w = check_real(sigma_w, "sigma_w", positive=True)
+    sigma_b = check_real(sigma_b, "sigma_b", minimum=0.0)
+    low, high = SIGMA_W_RANGE
+    if not low <= sigma_w <= high:
+        raise ValueError(f"sigma_w: mean-field theory needs {low:.3g} <= sigma_w <= {high:.3g} "
+                         f"(sigma_w**2 a normal float), got {sigma_w!r}")
+    if sigma_b > SIGMA_B_MAX:
+        raise ValueError(f"sigma_b: mean-field theory needs sigma_b <= {SIGMA_B_MAX:.3g} "
+                         f"(sigma_b**2 finite), got {sigma_b!r}")
+    return sigma_w, sigma_b
 
 
 # --------------------------------------------------------------------------- the variance map
@@ -245,6 +259,10 @@ class _Solution(NamedTuple):
     #: chi_1 - 1 and dF/dq - 1 at q*, computed without cancellation.
     chi1_minus_1: float
     slope_minus_1: float
+    #: chi_1 and dF/dq at q* themselves, as products of positive terms: exact where
+    #: they are tiny (sigma_w -> 0), where 1 + (x - 1) loses them.
+    chi1: float = math.nan
+    slope: float = math.nan
 
 
 @functools.lru_cache(maxsize=4096)
@@ -262,14 +280,15 @@ def _solve(name: str, sigma_w: float, sigma_b: float) -> _Solution:
         elif var_b == 0.0 and lead == 0.0:
             q_star = 1.0  # every q is fixed; the iteration stays at q0 = 1
         else:
-            return _Solution(math.inf, lead, math.nan)
-        return _Solution(q_star, lead, lead)
+            return _Solution(math.inf, lead, math.nan, var_w * kappa, math.nan)
+        return _Solution(q_star, lead, lead, var_w * kappa, var_w * kappa)
     q_star = _find_fixed_point(name, var_w, var_b, lead)
     if math.isinf(q_star):
         # Far out phi is its asymptote, so chi_1 tends to sigma_w**2 kappa.
-        return _Solution(math.inf, lead, math.nan)
+        return _Solution(math.inf, lead, math.nan, var_w * kappa, math.nan)
     moments = _moments(name, q_star)
-    return _Solution(q_star, lead + var_w * moments.dphi2, lead + var_w * moments.slope)
+    return _Solution(q_star, lead + var_w * moments.dphi2, lead + var_w * moments.slope,
+                     var_w * (kappa + moments.dphi2), var_w * (kappa + moments.slope))
 
 
 def _find_fixed_point(name: str, var_w: float, var_b: float, lead: float) -> float:
@@ -316,7 +335,9 @@ def _find_fixed_point(name: str, var_w: float, var_b: float, lead: float) -> flo
                 break
         if low == 0.0 and at_zero == 0.0:
             return 0.0
-    return optimize.brentq(excess, low, high, xtol=1e-300, rtol=4.0 * np.finfo(float).eps)
+    # maxiter: a fixed point far below the bracket (tiny sigma_w, q* ~ 1e-280 in [0, 1e-64])
+    # takes Brent's method several hundred steps, most of them bisections.
+    return optimize.brentq(excess, low, high, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=2000)
 
 
 # --------------------------------------------------------------------------- public API
@@ -334,7 +355,7 @@ def q_map(activation: str, q: float, sigma_w: float, sigma_b: float) -> float:
     sigma_w : float
         Weight scale (weights ``N(0, sigma_w**2 / n)``), finite and > 0.
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
 
     Returns
     -------
@@ -381,9 +402,10 @@ def fixed_point(activation: str, sigma_w: float, sigma_b: float) -> float:
     activation : str
         One of :data:`vgcore.ACTIVATIONS`.
     sigma_w : float
-        Weight scale, finite and > 0.
+        Weight scale, > 0 with ``sigma_w**2`` a finite normal float
+        (:data:`SIGMA_W_RANGE`, about 1.5e-154 .. 1.3e154).
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
 
     Returns
     -------
@@ -429,9 +451,10 @@ def chi1(activation: str, sigma_w: float, sigma_b: float) -> float:
     activation : str
         One of :data:`vgcore.ACTIVATIONS`.
     sigma_w : float
-        Weight scale, finite and > 0.
+        Weight scale, > 0 with ``sigma_w**2`` a finite normal float
+        (:data:`SIGMA_W_RANGE`, about 1.5e-154 .. 1.3e154).
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
 
     Returns
     -------
@@ -448,7 +471,10 @@ def chi1(activation: str, sigma_w: float, sigma_b: float) -> float:
     """
     name = check_activation(activation)
     sigma_w, sigma_b = _check_sigmas(sigma_w, sigma_b)
-    return 1.0 + _solve(name, sigma_w, sigma_b).chi1_minus_1
+    solution = _solve(name, sigma_w, sigma_b)
+    if solution.chi1_minus_1 < -0.5 and math.isfinite(solution.chi1):
+        return solution.chi1  # far below 1: the direct product keeps its relative accuracy
+    return 1.0 + solution.chi1_minus_1
 
 
 # --------------------------------------------------------------------------- the correlation map
@@ -493,10 +519,16 @@ def _pair_moments(name: str, q: float, c: float) -> tuple[float, float]:
     return float(w1 @ (value1 * inner_value)), float(w1 @ (derivative1 * inner_derivative))
 
 
-def _depth(slope_minus_1: float) -> float:
-    """``-1 / ln(slope)`` from ``slope - 1``; inf at slope 1 (criticality)."""
+def _depth(slope_minus_1: float, slope: float = math.nan) -> float:
+    """``-1 / ln(slope)`` from ``slope - 1``; inf at slope 1 (criticality).
+
+    Far below 1 the log is taken of ``slope`` itself where it is known (``slope
+    - 1`` rounds to -1 once ``slope`` < 1e-16); 0 where the slope is 0.
+    """
     if slope_minus_1 == 0.0:
         return math.inf
+    if slope_minus_1 < -0.5 and math.isfinite(slope):
+        return 0.0 if slope <= 0.0 else -1.0 / math.log(slope)
     return -1.0 / math.log1p(slope_minus_1)
 
 
@@ -558,9 +590,10 @@ def depth_scales(activation: str, sigma_w: float, sigma_b: float) -> tuple[float
     activation : str
         One of :data:`vgcore.ACTIVATIONS`.
     sigma_w : float
-        Weight scale, finite and > 0.
+        Weight scale, > 0 with ``sigma_w**2`` a finite normal float
+        (:data:`SIGMA_W_RANGE`, about 1.5e-154 .. 1.3e154).
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
 
     Returns
     -------
@@ -583,8 +616,10 @@ def depth_scales(activation: str, sigma_w: float, sigma_b: float) -> tuple[float
     solution = _solve(name, sigma_w, sigma_b)
     if math.isinf(solution.q_star):
         return math.nan, math.nan
-    _, chi_c_minus_1 = _correlation_fixed_point(name, sigma_w, sigma_b)
-    return _depth(solution.slope_minus_1), _depth(chi_c_minus_1)
+    c_star, chi_c_minus_1 = _correlation_fixed_point(name, sigma_w, sigma_b)
+    # In the ordered phase chi_c is chi_1, known directly where it is tiny.
+    chi_c = solution.chi1 if c_star == 1.0 and chi_c_minus_1 == solution.chi1_minus_1 else math.nan
+    return _depth(solution.slope_minus_1, solution.slope), _depth(chi_c_minus_1, chi_c)
 
 
 def c_map(activation: str, c: float, sigma_w: float, sigma_b: float, q: float | None = None) -> float:
@@ -601,9 +636,10 @@ def c_map(activation: str, c: float, sigma_w: float, sigma_b: float, q: float | 
     c : float
         Correlation, in ``[-1, 1]``.
     sigma_w : float
-        Weight scale, finite and > 0.
+        Weight scale, > 0 with ``sigma_w**2`` a finite normal float
+        (:data:`SIGMA_W_RANGE`, about 1.5e-154 .. 1.3e154).
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
     q : float, optional
         Variance of the pre-activations, finite and > 0; default
         :func:`fixed_point`.
@@ -703,7 +739,7 @@ def critical_sigma_w(activation: str, sigma_b: float) -> float:
     activation : str
         One of :data:`vgcore.ACTIVATIONS`.
     sigma_b : float
-        Bias standard deviation, finite and >= 0.
+        Bias standard deviation, >= 0 with ``sigma_b**2`` finite (<= 1.3e154).
 
     Returns
     -------
@@ -722,7 +758,8 @@ def critical_sigma_w(activation: str, sigma_b: float) -> float:
         ``sigma_b = 0``, where ``q*`` jumps from 0 to infinity).
     """
     name = check_activation(activation)
-    return _critical(name, check_real(sigma_b, "sigma_b", minimum=0.0))
+    _, sigma_b = _check_sigmas(1.0, sigma_b)
+    return _critical(name, sigma_b)
 
 
 # Recurrent networks through time (vgcore._theory_recurrent), re-exported here.
