@@ -13,6 +13,8 @@ from vgcore._model import Problem, refuse_call_keywords
 #: sigma_w given by name: the scheme's weight scale for a square layer.
 SIGMA_W_SCHEMES = {"xavier": 1.0, "lecun": 1.0, "he": math.sqrt(2.0)}
 INITS = ("gaussian", "orthogonal", "uniform")
+#: Stack.random draws this many float64 values at a time (8 MiB): its scratch beyond the weights.
+_DRAW_BLOCK_VALUES = 2**20
 
 
 class Stack:
@@ -139,20 +141,45 @@ class Stack:
         check.check_residual(residual)
         check.check_norm(norm)
 
+        # The weights are filled block by block of layers, straight into the dtype wanted: the
+        # peak is the weights themselves plus one block in float64 (a whole-array draw followed by
+        # astype held twice the weights).  Consecutive draws continue one stream, so the values
+        # are those of a single (L, n, n) draw.
+        itemsize = dtype.itemsize
+        block = max(1, _DRAW_BLOCK_VALUES // (width * width))
+        check.check_memory(depth * width * (width + 1) * itemsize + min(block, depth) * width * width * 32,
+                           "depth, width", f"a {depth} x {width} x {width} {dtype.name} stack's parameters")
         rng = np.random.default_rng(seed)
-        if init == "gaussian":
-            weights = rng.standard_normal((depth, width, width)) * (sigma_w_value / math.sqrt(width))
-        elif init == "uniform":
-            bound = sigma_w_value * math.sqrt(3.0 / width)
-            weights = rng.uniform(-bound, bound, size=(depth, width, width))
-        else:
-            # Haar measure: QR of a Gaussian matrix with R's diagonal made positive
-            q, r = np.linalg.qr(rng.standard_normal((depth, width, width)))
-            signs = np.sign(np.diagonal(r, axis1=1, axis2=2))
-            signs[signs == 0] = 1.0
-            weights = sigma_w_value * q * signs[:, None, :]
-        biases = sigma_b * rng.standard_normal((depth, width))
-        weights, biases = weights.astype(dtype), biases.astype(dtype)
+        weights = np.empty((depth, width, width), dtype)
+        scale = sigma_w_value / math.sqrt(width)
+        bound = sigma_w_value * math.sqrt(3.0 / width)
+        for start in range(0, depth, block):
+            count = min(block, depth - start)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if init == "gaussian":
+                    drawn = rng.standard_normal((count, width, width))
+                    drawn *= scale
+                elif init == "uniform":
+                    if math.isfinite(2.0 * bound):
+                        drawn = rng.uniform(-bound, bound, size=(count, width, width))
+                    else:  # high - low overflows: halve, then double (both exact, same values)
+                        drawn = rng.uniform(-0.5 * bound, 0.5 * bound, size=(count, width, width))
+                        drawn *= 2.0
+                else:
+                    # Haar measure: QR of a Gaussian matrix with R's diagonal made positive
+                    q, r = np.linalg.qr(rng.standard_normal((count, width, width)))
+                    signs = np.sign(np.diagonal(r, axis1=1, axis2=2))
+                    signs[signs == 0] = 1.0
+                    drawn = sigma_w_value * q * signs[:, None, :]
+                weights[start:start + count] = drawn
+            if not np.isfinite(weights[start:start + count]).all():
+                raise ValueError(f"sigma_w: {sigma_w_value!r} gives weights beyond the largest "
+                                 f"{dtype.name} ({np.finfo(dtype).max:.3g}); use a smaller sigma_w")
+        with np.errstate(over="ignore", invalid="ignore"):
+            biases = (sigma_b * rng.standard_normal((depth, width))).astype(dtype)
+        if not np.isfinite(biases).all():
+            raise ValueError(f"sigma_b: {sigma_b!r} gives biases beyond the largest {dtype.name} "
+                             f"({np.finfo(dtype).max:.3g}); use a smaller sigma_b")
         if device == "cuda":
             try:
                 from vgcore.backends.cuda_stack import to_device
@@ -240,7 +267,9 @@ class Stack:
             if self._sigma_w is not None and self._residual is None and self._norm is None:
                 from vgcore import theory
 
-                self._chi_theory = float(theory.chi1(self._activation, self._sigma_w, self._sigma_b))
+                low, high = theory.SIGMA_W_RANGE  # beyond it sigma**2 leaves the floats: no theory
+                if low <= self._sigma_w <= high and self._sigma_b <= theory.SIGMA_B_MAX:
+                    self._chi_theory = float(theory.chi1(self._activation, self._sigma_w, self._sigma_b))
         return self._chi_theory
 
     # -- the model-kind interface (vgcore._model.ModelKind) --------------------

@@ -26,6 +26,13 @@ def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: flo
     Returns
     -------
     ndarray, shape (batch, width)
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: stack, batch (also when the inputs cannot fit in
+        memory), seed, scale (also when scale times a normal draw overflows
+        the stack's dtype).
     """
     from vgcore._stack import Stack
 
@@ -33,9 +40,16 @@ def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: flo
         raise TypeError(f"stack: expected a vgcore.Stack, got {type(stack).__name__}")
     batch = check.check_int(batch, "batch")
     scale = check.check_real(scale, "scale", positive=True)
-    if seed is not None:
-        seed = check.check_int(seed, "seed", minimum=0)
-    values = (scale * np.random.default_rng(seed).standard_normal((batch, stack.width))).astype(stack.dtype)
+    seed = check.check_int(seed, "seed", minimum=0) if seed is not None else None
+    check.check_memory(batch * stack.width * (8 + stack.dtype.itemsize), "batch",
+                       f"{batch} x {stack.width} inputs")
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = np.random.default_rng(seed).standard_normal((batch, stack.width))
+        values *= scale
+        values = values.astype(stack.dtype, copy=False)
+    if not np.isfinite(values).all():
+        raise ValueError(f"scale: {scale!r} gives inputs beyond the largest {stack.dtype.name} "
+                         f"({np.finfo(stack.dtype).max:.3g}); use a smaller scale")
     if stack.device == "cuda":
         from vgcore.backends.cuda_stack import to_device
 

@@ -8,6 +8,7 @@ input cannot be used as it is (wrong dtype, non-contiguous).
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -92,12 +93,12 @@ def as_float_array(value: Any, name: str, *, dtype: Any = None, ndim: int | None
         )
     if ndim is not None and array.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(array.shape)}")
-    if not bool(xp.isfinite(array).all()):
+    if not all_finite(array):
         raise ValueError(f"{name}: contains NaN or inf")
     if dtype is not None and array.dtype != dtype:
         with np.errstate(over="ignore"):
             array = array.astype(dtype)
-        if not bool(xp.isfinite(array).all()):
+        if not all_finite(array):
             raise ValueError(f"{name}: values overflow {np.dtype(dtype).name} (largest magnitude "
                              f"{np.finfo(np.dtype(dtype)).max:.3g})")
     return array
@@ -143,6 +144,81 @@ def vectors_array(value: Any, name: str, *, batch: int, width: int, dtype: np.dt
         raise ValueError(f"{name}: expected shape ({batch}, k, {width}) or (k, {width}) "
                          f"with k >= 1, got {tuple(array.shape)}")
     return contiguous(array)
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still have: MemAvailable (and a cgroup's limit), else physical RAM.
+
+    An estimate for refusing sizes that cannot fit before any work starts;
+    it never promises an allocation will succeed.
+    """
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):
+            return 2**62  # unknown: let the allocation itself decide
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as handle:
+                limit = handle.read().strip()
+            with open(usage_file) as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            available = min(available, max(0, int(limit) - usage))
+    return available
+
+
+def _format_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.3g} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.3g} EiB"  # pragma: no cover
+
+
+def check_memory(nbytes: float, names: str, what: str) -> None:
+    """ValueError naming ``names`` when ``nbytes`` exceed the memory this process can have.
+
+    Parameters
+    ----------
+    nbytes : float
+        Expected peak memory of the request.
+    names : str
+        The arguments that set the size, e.g. "depth, width".
+    what : str
+        What needs the memory, for the message.
+    """
+    available = available_memory()
+    if nbytes > available:
+        raise ValueError(f"{names}: {what} needs about {_format_bytes(nbytes)} of memory; "
+                         f"{_format_bytes(available)} is available")
+
+
+#: all_finite checks this many values at a time, so that its boolean scratch stays small.
+_FINITE_BLOCK_VALUES = 2**22
+
+
+def all_finite(array) -> bool:
+    """Whether every entry of a NumPy / CuPy array is finite, with at most a few MiB of scratch."""
+    xp = array_namespace(array)
+    if array.ndim == 0 or array.size <= _FINITE_BLOCK_VALUES:
+        return bool(xp.isfinite(array).all())
+    per_row = max(1, array.size // array.shape[0])
+    step = max(1, _FINITE_BLOCK_VALUES // per_row)
+    return all(bool(xp.isfinite(array[start:start + step]).all()) for start in range(0, array.shape[0], step))
 
 
 def contiguous(array):
