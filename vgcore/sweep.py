@@ -233,6 +233,29 @@ def normalize_seeds(seeds: Any) -> list[int]:
     return values
 
 
+#: Most rows one sweep takes (configs x seeds): each is a task held in memory, and a row of the store.
+MAX_ROWS = 10_000_000
+
+
+def _check_size(grid: dict[str, list], seeds: list[int], batch: int) -> None:
+    """Refuse, before any work, a sweep with too many rows or a config whose arrays cannot fit.
+
+    Raises
+    ------
+    ValueError
+        Naming seeds / grid (rows) or grid['depth'], grid['width'], batch (memory).
+    """
+    configs = math.prod(len(values) for values in grid.values())
+    if configs * len(seeds) > MAX_ROWS:
+        raise ValueError(f"grid, seeds: {configs:,} configs x {len(seeds):,} seeds is "
+                         f"{configs * len(seeds):,} rows; at most {MAX_ROWS:,} per sweep")
+    # the largest config: its parameters, inputs, and about three values per unit, layer and sample
+    depth, width = max(grid["depth"]), max(grid["width"])
+    check.check_memory(8 * depth * width * (width + 1) + 8 * (3 * depth + 2) * batch * width,
+                       "grid['depth'], grid['width'], batch",
+                       f"a {depth}-layer, {width}-wide config with batch {batch}")
+
+
 def _configs(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(GRID_KEYS, values, strict=True))
             for values in itertools.product(*(grid[key] for key in GRID_KEYS))]
@@ -581,6 +604,7 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
     backend = _check_backend(backend)
     if not isinstance(resume, (bool, np.bool_)):
         raise ValueError(f"resume: expected True or False, got {resume!r}")
+    _check_size(grid, seeds, batch)
     configs = _configs(grid)
     total = len(configs) * len(seeds)
     identity = {"grid": grid, "seeds": seeds, "batch": batch}
