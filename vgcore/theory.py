@@ -772,3 +772,8 @@ from vgcore._theory_recurrent import (  # noqa: E402
 )
 
 __all__ += ["gated_log_decay", "rnn_chi1", "rnn_fixed_point", "rnn_lyapunov_exponent", "rnn_timescale"]
+
+# Batch-normalised stacks (vgcore._theory_batchnorm), re-exported here.
+from vgcore._theory_batchnorm import batchnorm_chi  # noqa: E402
+
+__all__ += ["batchnorm_chi"]
