@@ -8,7 +8,7 @@ through (--json FILE, --backend, --repeats N, --quick, ...)::
 
 import sys
 
-from vgcore._bench import main
+from vgcore.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(["--jobs", "medium", *sys.argv[1:]]))

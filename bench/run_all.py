@@ -5,7 +5,7 @@
 
 import sys
 
-from vgcore._bench import main
+from vgcore.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -225,15 +225,15 @@ def test_info(capsys):
 
 def test_bench_forwards_its_arguments(monkeypatch):
     received = []
-    fake = types.ModuleType("vgcore._bench")
+    fake = types.ModuleType("vgcore.bench")
     fake.main = lambda argv: received.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "vgcore._bench", fake)
+    monkeypatch.setitem(sys.modules, "vgcore.bench", fake)
     assert cli.main(["bench", "--json", "--jobs", "medium", "-h"]) == 7
     assert received == [["--json", "--jobs", "medium", "-h"]]
 
 
 def test_bench_missing_is_one_line_and_status_2(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "vgcore._bench", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "vgcore.bench", None)  # import raises ImportError
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vgcore bench: error: " in err

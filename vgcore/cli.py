@@ -169,7 +169,7 @@ def _parser() -> _Parser:
 
     commands.add_parser("info", help="version, build (OpenMP, BLAS), GPU and CuPy",
                         description="What this vgcore install can do.")
-    commands.add_parser("bench", help="benchmark the canonical jobs on every backend (vgcore._bench)",
+    commands.add_parser("bench", help="benchmark the canonical jobs on every backend (vgcore.bench)",
                         add_help=False)
     return parser
 
@@ -326,8 +326,8 @@ def _info(arguments: argparse.Namespace) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     try:
-        # import_module, not `from vgcore import _bench`: it goes through sys.modules
-        _bench = importlib.import_module("vgcore._bench")
+        # import_module, not `from vgcore import bench`: it goes through sys.modules
+        _bench = importlib.import_module("vgcore.bench")
     except ImportError as error:
         print(f"{PROG} bench: error: the benchmark module is not available ({_one_line(error)})",
               file=sys.stderr)
