@@ -22,20 +22,23 @@ BACKEND = "numpy"  # quick for tiny stacks, and the store does not depend on the
 
 
 def _stall_writes() -> None:
-    import pyarrow.parquet as pq
+    from vgcore import _store
 
-    write_table = pq.write_table
+    write_atomic = _store.write_atomic
 
-    def stalled(table, where, **options):
-        buffer = io.BytesIO()
-        write_table(table, buffer, **options)
-        data = buffer.getvalue()
-        where.write(data[: len(data) // 2])
-        where.flush()
-        print("stalled", flush=True)
-        time.sleep(600)
+    def stalled(directory, name, write):
+        def half(handle):
+            buffer = io.BytesIO()
+            write(buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            print("stalled", flush=True)
+            time.sleep(600)
 
-    pq.write_table = stalled
+        return write_atomic(directory, name, half)
+
+    _store.write_atomic = stalled
 
 
 def main(argv: list[str]) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +24,7 @@ from conftest import child_environment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vgcore._store import IDENTITY_KEY, Store, StoreError, write_atomic
+from vgcore._store import IDENTITY_KEY, Store, StoreError, identity_hash, write_atomic
 from vgcore.sweep import SweepResult, load, sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,6 +42,13 @@ BACKEND = child.BACKEND
 
 def _parts(store: Path) -> list[Path]:
     return sorted(store.glob("part-*.parquet"))
+
+
+def _add_part(store: Path, number: int, data: bytes) -> str:
+    """Put ``data`` into the store as part ``number``, under a name carrying its true checksum."""
+    name = f"part-{number:06d}-{hashlib.sha256(data).hexdigest()}.parquet"
+    (store / name).write_bytes(data)
+    return name
 
 
 def _temporaries(store: Path) -> list[Path]:
@@ -217,7 +227,7 @@ def test_truncated_part_is_reported_by_name(tmp_path):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     for attempt in (lambda: load(store), lambda: _full_store(store)):
-        with pytest.raises(StoreError, match=rf"{victim.name} is truncated"):
+        with pytest.raises(StoreError, match=rf"{victim.name} is damaged or truncated"):
             attempt()
 
 
@@ -251,8 +261,8 @@ def test_parquet_file_without_the_stamp_is_foreign(tmp_path):
 def test_a_part_repeating_rows_is_refused(tmp_path):
     store = tmp_path / "s"
     _full_store(store)
-    shutil.copy(_parts(store)[0], store / "part-000900.parquet")
-    with pytest.raises(StoreError, match=r"part-000900\.parquet repeats rows"):
+    name = _add_part(store, 900, _parts(store)[0].read_bytes())
+    with pytest.raises(StoreError, match=rf"{name} repeats rows"):
         load(store)
 
 
@@ -262,8 +272,10 @@ def test_part_with_rows_outside_the_sweep_is_foreign(tmp_path):
     part = _parts(store)[0]
     table = pq.read_table(part)
     rows = pa.array(np.asarray(table.column("_row")) + 1000)
-    pq.write_table(table.set_column(0, "_row", rows), store / "part-000901.parquet")
-    with pytest.raises(StoreError, match=r"part-000901\.parquet is foreign \(row numbers outside"):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.set_column(0, "_row", rows), sink)
+    name = _add_part(store, 901, sink.getvalue().to_pybytes())
+    with pytest.raises(StoreError, match=rf"{name} is foreign \(row numbers outside"):
         load(store)
 
 
@@ -337,3 +349,110 @@ def test_parts_carry_the_manifest_identity(tmp_path):
     assert manifest["identity"] == {"grid": result.grid, "seeds": result.seeds, "batch": 4}
     for part in _parts(store):
         assert pq.read_schema(part).metadata[IDENTITY_KEY] == manifest["identity_sha256"].encode()
+
+
+# --------------------------------------------------------------------------
+# Checksums (issue 17, defect 7): a part whose bytes changed is refused, naming it
+
+
+def test_defect7_every_byte_flip_in_a_part_is_refused(tmp_path, reference):
+    store = tmp_path / "s"
+    _full_store(store)
+    victim = _parts(store)[1]
+    original = victim.read_bytes()
+    # a sample of positions over the whole file: header magic, data pages, footer, trailing magic
+    positions = sorted({0, 3, len(original) - 1, len(original) - 5, len(original) // 2,
+                        *np.random.default_rng(7).integers(0, len(original), 40).tolist()})
+    for position in positions:
+        for flip in (0x01, 0x80):
+            damaged = bytearray(original)
+            damaged[position] ^= flip
+            victim.write_bytes(bytes(damaged))
+            with pytest.raises(StoreError, match=rf"part {victim.name} is damaged or truncated"):
+                load(store)
+    victim.write_bytes(original)
+    pdt.assert_frame_equal(load(store).frame, reference)
+
+
+def test_defect7_a_part_without_checksum_is_refused_in_a_checksummed_store(tmp_path):
+    store = tmp_path / "s"
+    _full_store(store)
+    part = _parts(store)[0]
+    part.rename(store / "part-000001.parquet")  # the bytes are ours, but nothing vouches for them
+    with pytest.raises(StoreError, match=r"part-000001\.parquet is foreign \(its name carries no checksum"):
+        load(store)
+
+
+def test_defect7_a_hand_edited_manifest_is_reported_as_edited(tmp_path):
+    store = tmp_path / "s"
+    _full_store(store)
+    path = store / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in [("rows", manifest["rows"] + 1), ("identity", {**manifest["identity"], "batch": 5}),
+                       ("vgcore_version", "9.9")]:
+        edited = {**manifest, key: value}
+        if key == "identity":  # even with a consistent identity hash
+            edited["identity_sha256"] = identity_hash(value)
+        path.write_text(json.dumps(edited))
+        for attempt in (lambda: load(store), lambda: _full_store(store)):
+            with pytest.raises(StoreError, match=r"manifest\.json was edited by hand or damaged"):
+                attempt()
+    path.write_text(json.dumps(manifest))
+    load(store)
+
+
+def test_defect7_format_1_stores_without_checksums_are_still_read(tmp_path, reference):
+    store = tmp_path / "s"
+    _full_store(store)
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    manifest["format_version"] = 1
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    for part in _parts(store):
+        part.rename(store / (part.name[:len("part-000000")] + ".parquet"))
+    pdt.assert_frame_equal(load(store).frame, reference)
+
+
+@pytest.mark.parametrize("make_path", [
+    lambda tmp: "",
+    lambda tmp: str(tmp / "file" / "sub"),
+    lambda tmp: "/proc/vgcore-store",
+], ids=["empty", "under-a-file", "proc"])
+def test_defect7_store_paths_that_cannot_be_used_are_named(tmp_path, make_path):
+    (tmp_path / "file").write_text("a file")
+    path = make_path(tmp_path)
+    with pytest.raises(StoreError, match=r"^store"):
+        sweep(GRID, batch=4, seeds=1, store=path, progress=False, backend=BACKEND)
+    if path:
+        with pytest.raises(StoreError, match=re.escape(repr(path))):
+            sweep(GRID, batch=4, seeds=1, store=path, progress=False, backend=BACKEND)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a disk that fills after a few parts (needs root and mount)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_defect7_a_full_disk_raises_the_stores_error_and_keeps_earlier_parts(small_disk, reference):
+    store = small_disk / "s"
+    grid = {**GRID, "sigma_b": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}
+    with pytest.raises(StoreError, match=rf"store {re.escape(repr(str(store)))}: could not write a part"):
+        sweep(grid, batch=4, seeds=2, store=store, chunk_size=1, progress=False, backend=BACKEND)
+    assert not _temporaries(store), "the failed write left its temporary file"
+    partial = load(store)
+    assert 0 < len(partial.frame) < 64
+    full = sweep(grid, batch=4, seeds=2, progress=False, backend=BACKEND).frame
+    pdt.assert_frame_equal(partial.frame.reset_index(drop=True),
+                           full.iloc[partial.rows].reset_index(drop=True))

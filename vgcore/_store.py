@@ -2,11 +2,12 @@
 
 Layout of a store directory::
 
-    manifest.json        what the sweep is: grid, seeds, batch (its "identity")
-    part-000001.parquet  one finished chunk: rows of the sweep, with their row numbers
-    part-000002.parquet
-    .lock                held (flock) by the one sweep writing the store
-    .*.tmp               a write in flight; left behind only by a killed run
+    manifest.json                 what the sweep is: grid, seeds, batch (its "identity"),
+                                  with a SHA-256 of its own content
+    part-000001-<sha256>.parquet  one finished chunk: rows of the sweep, with their row numbers;
+    part-000002-<sha256>.parquet  the name carries the SHA-256 of the file's bytes
+    .lock                         held (flock) by the one sweep writing the store
+    .*.tmp                        a write in flight; left behind only by a killed run
 
 Crash safety.  Every file (manifest and parts) is written to a temporary file
 in the same directory, flushed and fsynced, renamed over its final name with
@@ -19,12 +20,21 @@ sweep's enumeration of configs x seeds), a resumed sweep skips the rows
 already stored, and a part never replaces another, so no finished row is ever
 lost or written twice.
 
-Detection.  Each part's Parquet metadata holds the SHA-256 of the manifest's
-identity.  Reading a store checks every part: a file that is not Parquet or
-is cut short is reported as truncated, one from another sweep (other
-identity, other columns, row numbers out of range or repeated) as foreign,
-naming the file in a :class:`StoreError`.  A manifest of another sweep makes
-the store refuse to resume into it.
+Detection.  Each part's name carries the SHA-256 of its bytes, computed
+before they are written and checked, on the bytes read, before anything is
+parsed: a part whose bytes changed in any way (a flipped bit, a cut) is
+refused as damaged, naming the file.  Each part's Parquet metadata holds the
+SHA-256 of the manifest's identity: a part from another sweep (other
+identity, other columns, row numbers out of range or repeated) is refused as
+foreign, naming the file; so is a part without a checksum in a store of
+format 2.  The manifest carries the SHA-256 of its own content, so a manifest
+edited by hand is reported as edited.  A manifest of another sweep makes the
+store refuse to resume into it.  Stores of format 1 (parts without checksums)
+are still read.
+
+Failures of the file system (a full disk, no permission, a path that cannot
+be a directory) raise :class:`StoreError` naming the store's path; a part that
+could not be written leaves the earlier parts intact.
 
 Only the driver process writes a store; a lock file keeps two sweeps from
 writing the same store at once (where ``fcntl`` exists).
@@ -43,13 +53,17 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT = "vgcore.sweep"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Manifest format versions this vgcore reads (1: parts without checksums).
+READABLE_VERSIONS = (1, 2)
+#: Manifest key of the SHA-256 of the manifest's other content (format 2).
+MANIFEST_CHECKSUM = "manifest_sha256"
 LOCK = ".lock"
 ROW = "_row"
 #: Parquet schema-metadata key holding the identity hash of the sweep a part belongs to.
 IDENTITY_KEY = b"vgcore.sweep.identity"
 
-_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_PART = re.compile(r"^part-(\d{6,})(?:-([0-9a-f]{64}))?\.parquet$")
 _TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -170,9 +184,16 @@ class Store:
             Another sweep's store (with resume), not a store, in use, or a
             damaged manifest.
         """
-        path = os.fspath(path)
+        path = _check_path(path)
         if os.path.exists(path) and not os.path.isdir(path):
             raise StoreError(f"store: {path!r} exists and is not a directory")
+        try:
+            return cls._open(path, identity, rows=rows, resume=resume, metadata=metadata)
+        except OSError as error:
+            raise _file_system_error(path, "cannot be opened for writing", error) from None
+
+    @classmethod
+    def _open(cls, path: str, identity: dict, *, rows: int, resume: bool, metadata: dict | None) -> Store:
         os.makedirs(path, exist_ok=True)
         if not os.path.exists(os.path.join(path, MANIFEST)):
             strangers = [name for name in os.listdir(path) if name != LOCK and not _is_temporary(name)]
@@ -210,6 +231,7 @@ class Store:
                     "rows": int(rows),
                     **(metadata or {}),
                 }
+                manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
                 text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode()
                 write_atomic(path, MANIFEST, lambda handle: handle.write(text))
         except BaseException:
@@ -220,7 +242,7 @@ class Store:
     @classmethod
     def read(cls, path: str | os.PathLike) -> Store:
         """Open an existing store read-only (no lock, nothing cleaned)."""
-        path = os.fspath(path)
+        path = _check_path(path)
         if not os.path.isdir(path):
             raise StoreError(f"store: {path!r} is not a directory")
         return cls(path, read_manifest(path))
@@ -258,7 +280,18 @@ class Store:
         return [os.path.join(self.path, name) for name in _part_names(self.path)]
 
     def write_part(self, table) -> str:
-        """Write one chunk's rows (a pyarrow Table with a ``_row`` column) as a new part, atomically."""
+        """Write one chunk's rows (a pyarrow Table with a ``_row`` column) as a new part, atomically.
+
+        The Parquet bytes are built in memory, their SHA-256 goes into the
+        part's name, then they are written with :func:`write_atomic`.
+
+        Raises
+        ------
+        StoreError
+            The store is read-only, or the file system refused the write (a full
+            disk, ...): naming the store's path; earlier parts are untouched.
+        """
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self._lock is None:
@@ -266,17 +299,34 @@ class Store:
         metadata = dict(table.schema.metadata or {})
         metadata[IDENTITY_KEY] = self.manifest["identity_sha256"].encode()
         table = table.replace_schema_metadata(metadata)
-        existing = [int(_PART.match(name).group(1)) for name in _part_names(self.path)]
-        name = f"part-{max(existing, default=0) + 1:06d}.parquet"
-        return write_atomic(self.path, name, lambda handle: pq.write_table(table, handle))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        data = sink.getvalue().to_pybytes()
+        try:
+            existing = [int(_PART.match(name).group(1)) for name in _part_names(self.path)]
+            name = f"part-{max(existing, default=0) + 1:06d}-{hashlib.sha256(data).hexdigest()}.parquet"
+            return write_atomic(self.path, name, lambda handle: handle.write(data))
+        except OSError as error:
+            raise _file_system_error(self.path, "could not write a part (the parts written before "
+                                     "are intact; resume once the cause is fixed)", error) from None
 
     def _read_part(self, path: str, columns: list[str] | None, schema) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         name = os.path.basename(path)
+        checksum = _PART.match(name).group(2)
         try:
-            parquet = pq.ParquetFile(path)
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise _file_system_error(self.path, f"part {name} cannot be read", error) from None
+        if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
+            raise StoreError(f"store {self.path!r}: part {name} is damaged or truncated (the SHA-256 of "
+                             "its bytes differs from the checksum in its name: it changed after it was "
+                             "written); delete it to recompute its rows")
+        try:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
             file_schema = parquet.schema_arrow
         except (pa.ArrowException, OSError) as error:
             raise StoreError(f"store {self.path!r}: part {name} is truncated or not a Parquet file "
@@ -285,6 +335,9 @@ class Store:
         if stamp != self.manifest["identity_sha256"].encode():
             raise StoreError(f"store {self.path!r}: part {name} is foreign (it belongs to "
                              f"{'no vgcore sweep' if stamp is None else 'another sweep'}); remove it")
+        if checksum is None and self.manifest["format_version"] >= 2:
+            raise StoreError(f"store {self.path!r}: part {name} is foreign (its name carries no checksum, "
+                             "so this store never wrote it); remove it")
         wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         missing = [f.name for f in wanted if file_schema.get_field_index(f.name) < 0
                    or not file_schema.field(f.name).type.equals(f.type)]
@@ -349,12 +402,55 @@ def read_manifest(path: str) -> dict:
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
             or not isinstance(manifest.get("identity"), dict) or "rows" not in manifest):
         raise StoreError(f"store {path!r}: {MANIFEST} is not a vgcore sweep manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"store {path!r}: format version {manifest.get('format_version')} is not "
-                         f"supported (this vgcore reads version {FORMAT_VERSION})")
-    if manifest.get("identity_sha256") != identity_hash(manifest["identity"]):
-        raise StoreError(f"store {path!r}: {MANIFEST} is damaged (its identity hash does not match)")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise StoreError(f"store {path!r}: format version {version!r} is not supported (this vgcore "
+                         f"reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    if version >= 2 and manifest.get(MANIFEST_CHECKSUM) != manifest_checksum(manifest):
+        raise StoreError(f"store {path!r}: {MANIFEST} was edited by hand or damaged (its content no longer "
+                         f"matches its own checksum {MANIFEST_CHECKSUM}); restore it, or start the sweep "
+                         "afresh in another directory")
+    try:
+        identity_ok = manifest.get("identity_sha256") == identity_hash(manifest["identity"])
+    except (TypeError, ValueError):  # not JSON-able as written (NaN): not what a sweep writes
+        identity_ok = False
+    if not identity_ok:
+        raise StoreError(f"store {path!r}: {MANIFEST} is damaged or edited (its identity hash does not "
+                         "match)")
+    if isinstance(manifest["rows"], bool) or not isinstance(manifest["rows"], int) or manifest["rows"] < 0:
+        raise StoreError(f"store {path!r}: {MANIFEST} is damaged or edited (rows: {manifest['rows']!r})")
     return manifest
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the canonical JSON of a manifest without its own checksum entry."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_CHECKSUM}
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return ""  # never a valid checksum
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_path(path: Any) -> str:
+    """The store's path as a non-empty string (str or os.PathLike)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise StoreError(f"store: expected a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise StoreError("store: the path is empty; give a directory")
+    if "\0" in path:
+        raise StoreError(f"store: {path!r} contains a NUL character")
+    return path
+
+
+def _file_system_error(path: str, what: str, error: OSError) -> StoreError:
+    """A StoreError naming the store's path (and the file, if another) for an OSError."""
+    reason = error.strerror or str(error) or type(error).__name__
+    where = f" ({error.filename})" if error.filename and os.fspath(error.filename) != path else ""
+    return StoreError(f"store {path!r}: {what}: {reason}{where}")
 
 
 def _part_names(path: str) -> list[str]:
