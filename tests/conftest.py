@@ -70,6 +70,10 @@ def stack_cases(draw, max_depth: int = 60, max_width: int = 48, max_batch: int =
 
 def recast(stack: vg.Stack, dtype) -> vg.Stack:
     """The same stack with its parameters in ``dtype`` (exact for float32 -> float64)."""
+    if stack.kind == "recurrent":  # recurrent models: their own parameters (tests/recurrent_strategies.py)
+        from recurrent_strategies import recast as recast_recurrent
+
+        return recast_recurrent(stack, dtype)
     return vg.Stack(np.asarray(stack.weights, dtype), np.asarray(stack.biases, dtype),
                     activation=stack.activation, residual=stack.residual, norm=stack.norm)
 

@@ -21,7 +21,7 @@ def recurrent_cases(draw, max_width: int = 6, max_steps: int = 8, max_batch: int
     cell = draw(st.sampled_from(cells))
     activation = draw(st.sampled_from(activations)) if cell == "rnn" else "tanh"
     width = draw(st.integers(1, max_width))
-    input_width = draw(st.sampled_from([0, draw(st.integers(1, max_input))]))
+    input_width = draw(st.sampled_from([0, draw(st.integers(1, max_input))])) if max_input else 0
     model = Recurrent.random(
         width, cell=cell, activation=activation, input_width=input_width,
         init=draw(st.sampled_from(["gaussian", "orthogonal", "uniform"])),

@@ -18,6 +18,7 @@ import pytest
 from conftest import CUDA, assert_matches_reference, references, stack_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from recurrent_strategies import recurrent_cases
 
 import vgcore as vg
 from vgcore.backends import COMPUTATIONS, IMPLEMENTATIONS, Backend
@@ -25,12 +26,21 @@ from vgcore.backends import COMPUTATIONS, IMPLEMENTATIONS, Backend
 #: kind -> strategy of (model, x) for that kind, float32 and float64.
 KIND_CASES = {
     "stack": stack_cases(max_depth=12, max_width=10, max_batch=4),
+    # autonomous cells (inputs=None) here, run for RECURRENT_STEPS steps; inputs on and off, other
+    # step counts: tests/test_recurrent_backends.py
+    "recurrent": recurrent_cases(max_width=6, max_steps=1, max_batch=4, max_input=0,
+                                 dtypes=(np.float32, np.float64)).map(lambda case: (case[0], case[1])),
 }
+
+#: Steps of a recurrent model's computations in this walk.
+RECURRENT_STEPS = 6
 
 #: kind -> one fixed (model, x) of that kind, for the error tests.
 KIND_EXAMPLES = {
     "stack": lambda: (lambda s: (s, vg.random_inputs(s, 3, seed=1)))(
         vg.Stack.random(3, 4, activation="tanh", sigma_b=0.1, residual=0.5, norm="pre", seed=0)),
+    "recurrent": lambda: (vg.Recurrent.random(4, cell="lstm", sigma_b=0.1, forget_bias=1.0, seed=0),
+                          0.5 * np.random.default_rng(1).standard_normal((3, 8))),
 }
 
 
@@ -64,6 +74,8 @@ def test_implementations_have_the_protocol_signatures(kind, backend):
 
 def _compute(name: str, model, x, vectors, backend: str):
     """One public computation of ``name`` (a protocol function) through the public API."""
+    if model.kind == "recurrent":
+        return _compute_recurrent(name, model, x, vectors, backend)
     if name == "forward":
         return vg.forward(model, x, backend=backend)
     if name in ("gradient_profile", "gradient_profiles"):
@@ -79,6 +91,20 @@ def _compute(name: str, model, x, vectors, backend: str):
     if name == "lyapunov_log_growth":
         return vg.lyapunov_exponents(model, x, k=1, backend=backend)
     raise AssertionError(f"no public call for {name}")
+
+
+def _compute_recurrent(name: str, model, x, vectors, backend: str):
+    """_compute for a recurrent model, autonomous, over RECURRENT_STEPS steps."""
+    call = {"steps": RECURRENT_STEPS, "backend": backend}
+    if name in ("gradient_profile", "gradient_profiles"):
+        profile = vg.gradient_profile(model, x, **call)
+        return np.concatenate([profile.log_grad_norm.ravel(), profile.log_weight_grad_norm,
+                               profile.saturation, profile.dead])
+    if name in ("jvp", "vjp"):
+        return getattr(vg, name)(model, x, vectors, **call)
+    if name == "lyapunov_log_growth":
+        return vg.lyapunov_exponents(model, x, k=1, warmup=2, **call)
+    return getattr(vg, name)(model, x, **call)
 
 
 @pytest.mark.parametrize("kind, backend", PAIRS)

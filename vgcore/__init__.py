@@ -17,6 +17,7 @@ import importlib
 from vgcore._activations import ACTIVATIONS
 from vgcore._api import forward, gradient_profile, jacobian, jvp, lyapunov_exponents, singular_values, vjp
 from vgcore._profile import Profile
+from vgcore._recurrent import Recurrent
 from vgcore._stack import Stack
 from vgcore._utils import random_inputs
 from vgcore.sweep import SweepResult, sweep
@@ -30,6 +31,7 @@ _LAZY_SUBMODULES = ("stats", "theory", "torch")
 __all__ = [
     "ACTIVATIONS",
     "Profile",
+    "Recurrent",
     "Stack",
     "SweepResult",
     "__version__",

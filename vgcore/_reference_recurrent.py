@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vgcore._activations import SATURATION_THRESHOLD, activation
+from vgcore._activations import activation
+from vgcore._reference import derivative_statistics, renormalised_backward
 
 
 @dataclass
@@ -178,40 +179,20 @@ def gradient_profile(model, s0, steps: int, inputs, grad_output) -> dict:
     derivatives of step t below 1e-3 in magnitude; ``dead`` (T,), the fraction
     of the G n gate units whose derivative is exactly 0 on every sample.
 
-    The cotangent of each sample is rescaled to unit norm after every step
-    and the log of the factor carried, so the logs are exact at any T; the
+    The renormalised backward pass is the stacks' (vgcore._reference.renormalised_backward):
+    each sample's cotangent is rescaled to unit norm after every step and the
+    log of the factor carried, so the logs are exact at any T; the
     weight-gradient contribution weights the samples by exp(log scale - max).
     """
-    batch = s0.shape[0]
     _, caches = forward_with_caches(model, s0, steps, inputs)
-    log_grad_norm = np.empty((batch, steps + 1))
-    log_weight_grad_norm = np.empty(steps)
-    log_scale = np.zeros(batch)
-    g = grad_output
-    with np.errstate(divide="ignore"):
-        for t in range(steps, -1, -1):
-            norm_b = np.linalg.norm(g.astype(np.float64), axis=1)
-            log_grad_norm[:, t] = log_scale + np.log(norm_b)
-            safe = np.where(norm_b > 0, norm_b, 1.0)
-            g = (g / safe[:, None].astype(g.dtype)).astype(g.dtype, copy=False)
-            log_scale = log_scale + np.log(safe)
-            if t == 0:
-                break
-            cache = caches[t - 1]
-            g, g_hh = step_vjp(model, cache, g)
-            sample_weight = np.exp(log_scale - log_scale.max())
-            weight_grad = (g_hh * sample_weight[:, None].astype(g_hh.dtype)).T @ cache.h
-            frobenius = np.linalg.norm(weight_grad.astype(np.float64))
-            log_weight_grad_norm[t - 1] = log_scale.max() + np.log(frobenius)
-    derivatives = np.stack([cache.derivatives for cache in caches])  # (T, B, G n)
-    saturation = (np.abs(derivatives) < SATURATION_THRESHOLD).mean(axis=(1, 2))
-    dead = (derivatives == 0).all(axis=1).mean(axis=1)
-    return {
-        "log_grad_norm": log_grad_norm,
-        "log_weight_grad_norm": log_weight_grad_norm,
-        "saturation": saturation.astype(np.float64),
-        "dead": dead.astype(np.float64),
-    }
+
+    def step_vjp_at(t, g):
+        cache = caches[t - 1]
+        g, g_hh = step_vjp(model, cache, g)
+        return g, g_hh, cache.h
+
+    result = renormalised_backward(steps, grad_output, step_vjp_at)
+    return {**result, **derivative_statistics(np.stack([cache.derivatives for cache in caches]))}
 
 
 def jvp(model, s0, steps: int, inputs, tangents) -> np.ndarray:

@@ -37,6 +37,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("stack", "cpu"): "vgcore.backends.cpu_stack",
     ("stack", "numpy"): "vgcore.backends.reference_stack",
     ("stack", "cuda"): "vgcore.backends.cuda_stack",
+    ("recurrent", "cpu"): "vgcore.backends.cpu_recurrent",
+    ("recurrent", "numpy"): "vgcore.backends.reference_recurrent",
 }
 
 
