@@ -249,3 +249,73 @@ def test_sweep_on_a_dask_scheduler(tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path / "local")]) == 0
     capsys.readouterr()
     assert load(tmp_path / "d").frame.equals(load(tmp_path / "local").frame)
+
+
+# --------------------------------------------------------------------------
+# Issue 17, defect 6: command lines that printed a traceback now give one line and status 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seeds", "1000000000"], "argument --seeds: seeds: a count must be between 1 and 1,000,000"),
+    (["--seeds", "9223372036854775808"], "argument --seeds"),
+    (["--seeds", "0,9223372036854775808"], "each seed must satisfy 0 <= seed < 2**63"),
+    (["--seeds", "0:1000000000:1000000001"], "argument --seeds: range '0:1000000000:1000000001'"),
+    (["--out", ""], "argument --out: expected a directory, got an empty path"),
+    (["--out", "/proc/vgcore-x"], "argument --out: store '/proc/vgcore-x'"),
+    (["--out", "FILE/sub"], "argument --out: store 'FILE/sub': cannot be opened"),
+    (["--depth", "1000000", "--width", "10000"], "argument --depth/--width/--batch: "),
+    (["--batch", "100000000000"], "argument --depth/--width/--batch: "),
+    (["--sigma-w", "0:1:100000000000"], "argument --sigma-w: range '0:1:100000000000': count must be <="),
+    (["--scheduler", "tcp://127.0.0.1:9"], "argument --scheduler: client: cannot connect"),
+])
+def test_defect6_malformed_sweep_command_lines_give_one_line_and_status_2(argv, message, capsys, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    if "--scheduler" in argv:
+        pytest.importorskip("dask.distributed")
+    base = ["sweep", "--depth", "3", "--width", "4", "--backend", "numpy", "--no-progress"]
+    assert cli.main([*base, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("vgcore sweep: error: "), captured.err
+    assert message in captured.err, captured.err
+    assert captured.out == ""
+    assert not os.path.exists(tmp_path / "FILE" / "sub")
+
+
+def test_defect6_plot_output_that_is_a_directory_or_repeated_where(store, capsys, tmp_path):
+    for argv, message in [
+        (["-o", str(tmp_path)], f"argument -o: {str(tmp_path)!r} is a directory"),
+        (["-o", str(tmp_path / "x.png"), "--where", "depth=6", "--where", "depth=9"],
+         "argument --where: 'depth' is given twice"),
+    ]:
+        assert cli.main(["plot", str(store), "--kind", "flow", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root and mount(8)); skipped with the reason elsewhere."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_defect6_a_full_disk_gives_one_line_naming_the_store(small_disk, capsys):
+    out = small_disk / "store"
+    argv = ["sweep", "--depth", "3", "--width", "4", "--sigma-b", "0:0.7:8", "--seeds", "4", "--batch", "2",
+            "--chunk-size", "1", "--backend", "numpy", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument --out: store {str(out)!r}: could not write a part" in err, err
+    assert 0 < len(load(out).frame) < 32

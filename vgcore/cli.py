@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 PROG = "vgcore"
+#: Most values one range ``start:stop:count`` may give (a sweep takes at most 10 million rows).
+MAX_RANGE_COUNT = 1_000_000
 
 
 class _UsageError(Exception):
@@ -74,6 +76,8 @@ def _parse_range(item: str, kind: str) -> list:
         raise ValueError(f"range {item!r}: expected numbers start:stop and an integer count") from None
     if count < 1:
         raise ValueError(f"range {item!r}: count must be >= 1")
+    if count > MAX_RANGE_COUNT:
+        raise ValueError(f"range {item!r}: count must be <= {MAX_RANGE_COUNT:,}")
     if not (math.isfinite(start) and math.isfinite(stop)):
         raise ValueError(f"range {item!r}: start and stop must be finite")
     import numpy as np
@@ -201,17 +205,42 @@ def _seeds(text: str):
     return values[0] if len(values) == 1 and "," not in text and ":" not in text else values
 
 
+#: The leading name of a sweep() error message -> the flag that set it.
+_SWEEP_FLAGS = {"store": "--out", "client": "--scheduler", "batch": "--batch", "seeds": "--seeds",
+                "chunk_size": "--chunk-size", "backend": "--backend", "resume": "--resume",
+                **{f"grid[{key!r}]": flag for flag, (key, _, _) in GRID_FLAGS.items()}}
+
+
+def _sweep_error(error: BaseException) -> _UsageError:
+    """One line for a refused sweep, naming the flag behind the argument that sweep() named."""
+    text = _one_line(error)
+    if text.startswith("store"):  # "store: ..." or "store '/path': ..."
+        return _UsageError(f"{PROG} sweep: error: argument --out: {text}")
+    names = [name.strip() for name in text.split(":", 1)[0].split(",")]
+    flags = [_SWEEP_FLAGS[name] for name in names if name in _SWEEP_FLAGS]
+    prefix = f"argument {'/'.join(flags)}: " if flags else ""
+    return _UsageError(f"{PROG} sweep: error: {prefix}{text}")
+
+
 def _sweep(arguments: argparse.Namespace) -> int:
     from vgcore.sweep import COLUMNS, sweep
 
     grid = _grid(arguments)
     seeds = _seeds(arguments.seeds)
+    if arguments.out is not None and not arguments.out.strip():
+        raise _UsageError(f"{PROG} sweep: error: argument --out: expected a directory, got an empty path")
     try:
         result = sweep(grid, batch=arguments.batch, seeds=seeds, backend=arguments.backend,
                        store=arguments.out, resume=arguments.resume, progress=not arguments.no_progress,
                        client=arguments.scheduler, chunk_size=arguments.chunk_size)
     except ValueError as error:
-        raise _UsageError(f"{PROG} sweep: error: {_one_line(error)}") from None
+        raise _sweep_error(error) from None
+    except OSError as error:  # the file system refused something the store did not foresee
+        where = error.filename or arguments.out
+        raise _UsageError(f"{PROG} sweep: error: {where!r}: {error.strerror or _one_line(error)}") from None
+    except MemoryError:
+        raise _UsageError(f"{PROG} sweep: error: out of memory; use a smaller --batch, --depth, --width "
+                          "or --chunk-size") from None
     rate = result.computed / result.seconds if result.seconds > 0 else math.inf
     print(f"{PROG} sweep: {len(result.frame)} rows ({result.computed} computed now, "
           f"{len(result.frame) - result.computed} from the store) in {result.seconds:.1f} s, "
@@ -234,9 +263,17 @@ def _plot(arguments: argparse.Namespace) -> int:
     where = {}
     for item in arguments.where:
         key, equals, value = item.partition("=")
-        if not equals or not key:
+        if not equals or not key.strip():
             raise _UsageError(f"{PROG} plot: error: argument --where: expected KEY=VALUE, got {item!r}")
+        if key.strip() in where:
+            raise _UsageError(f"{PROG} plot: error: argument --where: {key.strip()!r} is given twice "
+                              f"({where[key.strip()]!r} and {value.strip()!r}); a row has one value per key")
         where[key.strip()] = value.strip()
+    if not arguments.output.strip():
+        raise _UsageError(f"{PROG} plot: error: argument -o: expected a file name, got an empty path")
+    if os.path.isdir(arguments.output):
+        raise _UsageError(f"{PROG} plot: error: argument -o: {arguments.output!r} is a directory; "
+                          "give a file name such as phase.png")
     directory = os.path.dirname(os.path.abspath(arguments.output))
     if not os.path.isdir(directory):
         raise _UsageError(f"{PROG} plot: error: argument -o: directory {directory!r} does not exist")
@@ -251,6 +288,10 @@ def _plot(arguments: argparse.Namespace) -> int:
                   dpi=arguments.dpi, where=where)
     except ValueError as error:
         raise _UsageError(f"{PROG} plot: error: {_one_line(error)}") from None
+    except OSError as error:  # writing the PNG: no permission, a full disk, ...
+        where_failed = error.filename or arguments.output
+        raise _UsageError(f"{PROG} plot: error: argument -o: {where_failed!r}: "
+                          f"{error.strerror or _one_line(error)}") from None
     print(f"{PROG} plot: wrote {arguments.output} ({width}x{height} px, {arguments.kind}, "
           f"{len(result.frame)} rows)", file=sys.stderr)
     return 0

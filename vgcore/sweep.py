@@ -73,6 +73,8 @@ _INPUT_STREAM = 0x696E7075
 # and the progress bar moves, while each compiled call still holds many configs.
 _CHUNK_WORK = 2e9
 _MAX_CHUNK = 512
+# Seconds to reach a dask scheduler given by address before the sweep is refused (naming client).
+_CONNECT_SECONDS = 5.0
 
 
 def input_seed(seed: int) -> int:
@@ -535,7 +537,11 @@ def _client(client: Any):
         except ImportError as error:
             raise ValueError(f"client: dask.distributed is not installed ({error}); "
                              "pip install 'vgcore[dask]'") from None
-        return Client(client), True
+        try:
+            return Client(client, timeout=_CONNECT_SECONDS), True
+        except (OSError, TimeoutError, ValueError, TypeError) as error:
+            raise ValueError(f"client: cannot connect to the dask scheduler {client!r} within "
+                             f"{_CONNECT_SECONDS:g} s ({' '.join(str(error).split())[:200]})") from None
     if not hasattr(client, "submit"):
         raise ValueError(f"client: expected a dask.distributed Client or a scheduler address, "
                          f"got {type(client).__name__}")
