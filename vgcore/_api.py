@@ -306,10 +306,15 @@ def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | N
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming x
+        where the Jacobian overflows the dtype (its SVD does not exist in it).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
-    return backend_module.singular_values(problem)
+    try:
+        return backend_module.singular_values(problem)
+    except np.linalg.LinAlgError as error:  # LAPACK refuses a Jacobian that overflowed to inf / NaN
+        raise ValueError(f"x: the Jacobian at these inputs is beyond {np.dtype(stack.dtype).name} "
+                         f"(LAPACK: {error}); lyapunov_exponents gives its log growth rates") from None
 
 
 def _check_k(k: Any, width: int) -> int:
