@@ -110,7 +110,7 @@ def test_non_stack_is_refused(x, name):
     ({"activation": 3}, TypeError, "activation"),
     ({"residual": "yes"}, TypeError, "residual"),
     ({"residual": float("nan")}, ValueError, "residual"),
-    ({"norm": "batch"}, ValueError, "norm"),
+    ({"norm": "group"}, ValueError, "norm"),
 ])
 def test_bad_stack_arguments(kwargs, error, argument):
     arguments = {"weights": np.ones((2, 3, 3)), "biases": None, "activation": "tanh"} | kwargs

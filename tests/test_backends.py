@@ -15,6 +15,7 @@ import inspect
 
 import numpy as np
 import pytest
+from batchnorm_strategies import batchnorm_cases
 from conftest import CUDA, assert_matches_reference, references, stack_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,8 @@ KIND_CASES = {
     # step counts: tests/test_recurrent_backends.py
     "recurrent": recurrent_cases(max_width=6, max_steps=1, max_batch=4, max_input=0,
                                  dtypes=(np.float32, np.float64)).map(lambda case: (case[0], case[1])),
+    # more depths, widths and batches: tests/test_batchnorm_backends.py
+    "batchnorm": batchnorm_cases(max_depth=12, max_width=10, max_batch=6),
 }
 
 #: Steps of a recurrent model's computations in this walk.
@@ -41,7 +44,12 @@ KIND_EXAMPLES = {
         vg.Stack.random(3, 4, activation="tanh", sigma_b=0.1, residual=0.5, norm="pre", seed=0)),
     "recurrent": lambda: (vg.Recurrent.random(4, cell="lstm", sigma_b=0.1, forget_bias=1.0, seed=0),
                           0.5 * np.random.default_rng(1).standard_normal((3, 8))),
+    "batchnorm": lambda: (lambda s: (s, vg.random_inputs(s, 3, seed=1)))(
+        vg.Stack.random(3, 4, activation="tanh", sigma_b=0.1, residual=0.5, norm="batch", seed=0)),
 }
+
+#: Computations a kind refuses (ValueError naming the option), on every backend alike.
+KIND_REFUSALS = {"batchnorm": ("jacobian", "singular_values", "lyapunov_log_growth")}
 
 
 def _present(backend: str) -> bool:
@@ -115,6 +123,10 @@ def test_every_computation_equals_the_reference(kind, backend, name, data):
     if not _present(backend):
         pytest.skip("no CuPy / NVIDIA GPU here")
     model, x = data.draw(KIND_CASES[kind])
+    if name in KIND_REFUSALS.get(kind, ()):
+        with pytest.raises(ValueError, match=r"^norm: "):
+            _compute(name, model, x, None, backend)
+        return
     # Smooth activations keep the spectra determined; the kinked ones are covered by test_spectra.
     if name in ("singular_values", "lyapunov_log_growth") and model.activation in ("relu", "leaky_relu",
                                                                                   "selu", "elu"):

@@ -172,7 +172,7 @@ def test_measured_boundary_sits_on_theorys_critical_line():
     ({"depth": 3, "width": 4, "sigma_w": "kaiming"}, r"grid\['sigma_w'\]: unknown scheme"),
     ({"depth": 3, "width": 4, "sigma_b": [0.1, float("nan")]}, r"grid\['sigma_b'\]: must be finite"),
     ({"depth": 3, "width": 4, "residual": "yes"}, r"grid\['residual'\]"),
-    ({"depth": 3, "width": 4, "norm": "batch"}, r"grid\['norm'\]"),
+    ({"depth": 3, "width": 4, "norm": "group"}, r"grid\['norm'\]"),
     ({"depth": 3, "width": 4, "dtype": "float16"}, r"grid\['dtype'\]"),
     ({"depth": np.ones((2, 2), int), "width": 4}, r"grid\['depth'\]: expected a value or a 1-D list"),
     ({"depth": 3, "width": 4, "sigma_b": {0.0, 0.1}}, r"grid\['sigma_b'\]: .*a set has no order"),

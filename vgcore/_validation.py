@@ -16,7 +16,7 @@ import numpy as np
 from vgcore._activations import ACTIVATIONS
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-NORMS = (None, "pre", "post")
+NORMS = (None, "pre", "post", "batch")
 BACKENDS = ("auto", "cpu", "cuda", "numpy")
 
 
@@ -266,9 +266,9 @@ def check_residual(residual: Any) -> float | None:
 
 def check_norm(norm: Any) -> str | None:
     if norm is not None and not isinstance(norm, str):
-        raise TypeError(f"norm: expected None, 'pre' or 'post', got {type(norm).__name__}")
+        raise TypeError(f"norm: expected None, 'pre', 'post' or 'batch', got {type(norm).__name__}")
     if norm not in NORMS:
-        raise ValueError(f"norm: expected None, 'pre' or 'post', got {norm!r}")
+        raise ValueError(f"norm: expected None, 'pre', 'post' or 'batch', got {norm!r}")
     return norm
 
 

@@ -39,6 +39,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("stack", "cuda"): "vgcore.backends.cuda_stack",
     ("recurrent", "cpu"): "vgcore.backends.cpu_recurrent",
     ("recurrent", "numpy"): "vgcore.backends.reference_recurrent",
+    ("batchnorm", "cpu"): "vgcore.backends.cpu_batchnorm",
+    ("batchnorm", "numpy"): "vgcore.backends.reference_batchnorm",
 }
 
 

@@ -1,0 +1,125 @@
+"""The compiled CPU backend of batch-normalised stacks (kind "batchnorm"): vgcore._ext._batchnorm.
+
+Implements :class:`vgcore.backends.Backend`.  BN couples the samples, so the
+kernels cut each layer into blocks of features (n_partitions of them, fixed
+per machine: results are bitwise the same for any thread count) instead of
+blocks of samples; jvp / vjp cut the k batch vectors into items.  Every
+workspace is allocated here, so the kernels never allocate; BLAS is held to
+one thread while they run.  jacobian, singular_values and lyapunov_log_growth
+refuse with a ValueError naming norm (vgcore.backends._batchnorm_common).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vgcore._activations import ACTIVATION_CODES
+from vgcore._ext import _batchnorm
+from vgcore.backends._batchnorm_common import refuse
+from vgcore.backends._threads import blas_held_to_one_thread, n_partitions, n_threads
+
+
+def _layer_options(stack) -> tuple[int, bool, float]:
+    residual = stack.residual
+    return (ACTIVATION_CODES[stack.activation], residual is not None,
+            0.0 if residual is None else float(residual))
+
+
+def _feature_blocks(width: int) -> int:
+    return max(1, min(n_partitions(), width))
+
+
+def forward(problem, out: np.ndarray | None) -> np.ndarray:
+    """x_L (B, n); see vgcore.forward."""
+    stack, x = problem.model, problem.x
+    batch, width, dtype = x.shape[0], stack.width, stack.dtype
+    if out is None:
+        out = np.empty_like(x)
+    blocks = _feature_blocks(width)
+    with blas_held_to_one_thread():
+        _batchnorm.forward(stack.weights, stack.biases, x, *_layer_options(stack), out,
+                           np.empty((4, batch, width), dtype), np.empty(width, dtype), np.empty(2 * width),
+                           np.zeros(width, dtype), blocks, min(n_threads(), blocks))
+    return out
+
+
+def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
+    """The compiled profile; it keeps every layer (``segment`` is ignored: BN's backward needs them all)."""
+    stack, x = problem.model, problem.x
+    depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
+    blocks = _feature_blocks(width)
+    threads = n_threads()
+    log_grad_norm = np.empty((batch, depth + 1))
+    log_weight_grad_norm = np.empty(depth)
+    saturated = np.zeros((depth, blocks), np.int64)
+    alive = np.zeros((depth, width), np.uint8)
+    with blas_held_to_one_thread():
+        _batchnorm.gradient_profile(
+            stack.weights, stack.biases, x, grad_output, *_layer_options(stack),
+            np.empty((depth + 1, batch, width), dtype), np.empty((depth, batch, width), dtype),
+            np.empty((depth, batch, width), dtype), np.empty((depth, width), dtype),
+            np.empty((2, batch, width), dtype), np.empty(2 * width), np.empty((blocks, batch)),
+            np.zeros(width, dtype),
+            np.empty((max(1, min(threads, depth)), _batchnorm.weight_gradient_scratch(batch, width)), dtype),
+            log_grad_norm, log_weight_grad_norm, saturated, alive, blocks, min(threads, blocks),
+        )
+    return {
+        "log_grad_norm": log_grad_norm,
+        "log_weight_grad_norm": log_weight_grad_norm,
+        "saturation": saturated.sum(axis=1) / (batch * width),
+        "dead": (alive == 0).mean(axis=1),
+    }
+
+
+def gradient_profiles(problems, grad_outputs) -> list[dict]:
+    """One :func:`gradient_profile` after another (each already runs on every thread)."""
+    if len(problems) != len(grad_outputs):
+        raise ValueError("problems and grad_outputs must have the same length")
+    return [gradient_profile(problem, g, None) for problem, g in zip(problems, grad_outputs, strict=True)]
+
+
+def _jacobian_product(problem, vectors: np.ndarray, out: np.ndarray | None, transpose: bool) -> np.ndarray:
+    stack, x = problem.model, problem.x
+    depth, width, batch, dtype = stack.depth, stack.width, x.shape[0], stack.dtype
+    k = vectors.shape[-2]
+    if out is None:
+        out = np.empty((batch, k, width), dtype)
+    np.copyto(out, vectors)
+    blocks = _feature_blocks(width)
+    items = max(1, min(n_partitions(), k))
+    largest_item = -(-k // items)
+    threads = n_threads()
+    with blas_held_to_one_thread():
+        _batchnorm.jacobian_products(
+            stack.weights, stack.biases, x, *_layer_options(stack), transpose, out,
+            np.empty((depth, batch, width), dtype), np.empty((depth, batch, width), dtype),
+            np.empty((depth, width), dtype), np.empty((2, batch, width), dtype), np.empty(2 * width),
+            np.zeros(width, dtype), np.empty((items, 3 * largest_item * batch * width), dtype),
+            np.empty((items, 2 * width)), blocks, min(threads, max(blocks, items)),
+        )
+    return out
+
+
+def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J T_j for batch tangents T_j = tangents[:, j, :], (B, k, n)."""
+    return _jacobian_product(problem, tangents, out, transpose=False)
+
+
+def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
+    return _jacobian_product(problem, cotangents, out, transpose=True)
+
+
+def jacobian(problem, out) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("jacobian")
+
+
+def singular_values(problem) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("singular_values")
+
+
+def lyapunov_log_growth(problem, k: int) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("lyapunov_exponents")

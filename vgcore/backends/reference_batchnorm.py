@@ -1,0 +1,80 @@
+"""The NumPy reference backend of batch-normalised stacks (kind "batchnorm"): vgcore._reference_batchnorm.
+
+Implements :class:`vgcore.backends.Backend` with the plain code the tests
+trust.  The batch is one input: jvp / vjp take batch vectors, the k-th being
+``vectors[:, k, :]`` ((k, n) vectors are the same vector in every sample);
+jacobian, singular_values and lyapunov_log_growth refuse with a ValueError
+naming norm (vgcore.backends._batchnorm_common).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vgcore import _reference_batchnorm
+from vgcore.backends._batchnorm_common import refuse
+
+
+def _arguments(problem) -> tuple:
+    stack = problem.model
+    return stack.weights, stack.biases, problem.x
+
+
+def _options(problem) -> tuple:
+    return problem.model.activation, problem.model.residual
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
+def _batch_vectors(problem, vectors: np.ndarray) -> np.ndarray:
+    """Vectors (k, n) shared by every sample, broadcast to (B, k, n)."""
+    return np.broadcast_to(vectors, (problem.batch, *vectors.shape[-2:]))
+
+
+def forward(problem, out: np.ndarray | None) -> np.ndarray:
+    """x_L (B, n); see vgcore.forward."""
+    return _into(out, _reference_batchnorm.forward(*_arguments(problem), *_options(problem)))
+
+
+def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
+    """The reference profile (batch-wide renormalisation); ``segment`` changes nothing."""
+    return _reference_batchnorm.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
+
+
+def gradient_profiles(problems, grad_outputs) -> list[dict]:
+    """One :func:`gradient_profile` after another."""
+    if len(problems) != len(grad_outputs):
+        raise ValueError("problems and grad_outputs must have the same length")
+    return [gradient_profile(problem, g, None) for problem, g in zip(problems, grad_outputs, strict=True)]
+
+
+def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J T_j for batch tangents T_j = tangents[:, j, :], (B, k, n)."""
+    return _into(out, _reference_batchnorm.jvp(*_arguments(problem), _batch_vectors(problem, tangents),
+                                               *_options(problem)))
+
+
+def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
+    return _into(out, _reference_batchnorm.vjp(*_arguments(problem), _batch_vectors(problem, cotangents),
+                                               *_options(problem)))
+
+
+def jacobian(problem, out) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("jacobian")
+
+
+def singular_values(problem) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("singular_values")
+
+
+def lyapunov_log_growth(problem, k: int) -> None:
+    """Refused: see vgcore.backends._batchnorm_common."""
+    refuse("lyapunov_exponents")
