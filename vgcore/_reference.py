@@ -161,24 +161,43 @@ def renormalised_backward(depth: int, grad_output: np.ndarray, layer_vjp_at, *,
     g = grad_output
     with np.errstate(divide="ignore"):
         for layer in range(depth, -1, -1):
-            norm_b = np.linalg.norm(g.astype(np.float64), axis=1)
-            log_grad_norm[:, layer] = log_scale + np.log(norm_b)
+            log_norm_b, unit = log_row_norms(g)
+            log_grad_norm[:, layer] = log_scale + log_norm_b
             if coupled:
-                total = float(np.linalg.norm(norm_b))
-                factor = np.full(batch, total if total > 0 else 1.0)
+                # one factor for the batch: its Frobenius norm, taken as one long row
+                log_total, whole = log_row_norms(g.reshape(1, -1))
+                if np.isfinite(log_total[0]):
+                    g = whole.reshape(g.shape).astype(g.dtype, copy=False)
+                    log_scale = log_scale + log_total[0]
             else:
-                factor = np.where(norm_b > 0, norm_b, 1.0)
-            g = (g / factor[:, None].astype(g.dtype)).astype(g.dtype, copy=False)
-            log_scale = log_scale + np.log(factor)
+                g = unit.astype(g.dtype, copy=False)  # zero rows stay zero
+                log_scale = log_scale + np.where(np.isfinite(log_norm_b), log_norm_b, 0.0)
             if layer == 0:
                 break
             g, g_h, u = layer_vjp_at(layer, g)
             sample_weight = np.exp(log_scale - log_scale.max())
             weight_grad = (g_h * sample_weight[:, None].astype(g_h.dtype)).T @ u
-            log_weight_grad_norm[layer - 1] = log_scale.max() + np.log(
-                np.linalg.norm(weight_grad.astype(np.float64))
-            )
+            log_weight_norm = log_row_norms(weight_grad.reshape(1, -1))[0][0]
+            log_weight_grad_norm[layer - 1] = log_scale.max() + log_weight_norm
     return {"log_grad_norm": log_grad_norm, "log_weight_grad_norm": log_weight_grad_norm}
+
+
+def log_row_norms(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log ||r||, r / ||r||) for each row, in float64, exact for any finite scale.
+
+    Each row is divided by its largest magnitude before squaring, so no
+    square underflows or overflows (a plain sum of squares loses rows below
+    1e-154 or above 1e154).  Zero rows give -inf and stay zero.
+    """
+    rows = rows.astype(np.float64)
+    largest = np.max(np.abs(rows), axis=1) if rows.shape[1] else np.zeros(rows.shape[0])
+    safe = np.where(largest > 0, largest, 1.0)
+    scaled = rows / safe[:, None]
+    root = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+    with np.errstate(divide="ignore"):
+        log_norm = np.where(largest > 0, np.log(safe) + np.log(np.where(root > 0, root, 1.0)), -np.inf)
+    unit = scaled / np.where(root > 0, root, 1.0)[:, None]
+    return log_norm, unit
 
 
 def gradient_profile(weights, biases, x, grad_output, activation_name, residual, norm):
