@@ -366,6 +366,15 @@ def test_abba_order_warm_up_and_counts():
     assert {label: len(values) for label, values in times.items()} == {"a": 3, "b": 3, "c": 3}
 
 
+def test_automatic_counts_and_a_runner_slower_than_the_budget_is_timed_once():
+    runners = {"a": lambda: None, "b": lambda: None}
+    many, _, _ = timing.time_backends(runners, budget_s=1e9, min_repeats=2, max_repeats=4)
+    assert {label: len(values) for label, values in many.items()} == {"a": 4, "b": 4}
+    # every warm-up takes longer than twice a zero budget: each runner is timed once, not min_repeats
+    once, _, _ = timing.time_backends(runners, budget_s=0.0, min_repeats=2, max_repeats=4)
+    assert {label: len(values) for label, values in once.items()} == {"a": 1, "b": 1}
+
+
 def test_repeat_count_is_the_budget_clipped():
     assert timing.repeat_count(0.5, budget_s=6, min_repeats=2, max_repeats=30) == 12
     assert timing.repeat_count(10.0, budget_s=6, min_repeats=2, max_repeats=30) == 2

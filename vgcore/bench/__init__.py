@@ -19,7 +19,9 @@ A job whose vgcore feature is missing (a recurrent model, a batch-norm
 stack), a backend that cannot run a job, and a peer that is absent or has no
 version of a job are skipped with the reason in ``notes``, printed under the
 table.  Timing (:mod:`vgcore.bench.timing`): one warm-up run each, then the
-timed runs in ABBA order; times are medians.  Ratios
+timed runs in ABBA order, as many as the budget (``--budget``) allows, at
+least 2 (1 for a row whose warm-up alone took over twice the budget, such as
+the plain reference on the long recurrent jobs); times are medians.  Ratios
 (:mod:`vgcore.bench.report`) are speed-ups, ``time(base) / time(row)``.
 
 JSON (``--json FILE``) holds one object with the keys

@@ -24,6 +24,8 @@ from typing import Any
 
 #: Runners faster than this get one untimed run before each block of timed runs.
 SETTLE_BELOW_S = 1.0
+#: Without a fixed repeat count, a runner whose warm-up took longer than this many budgets is timed once.
+SLOW_FACTOR = 2.0
 #: Other processes' share of the cores above which a job gets a note that the machine was busy.
 BUSY_FRACTION = 0.05
 
@@ -160,10 +162,11 @@ def repeat_count(warm_up_s: float, *, budget_s: float, min_repeats: int, max_rep
     return int(min(max_repeats, max(min_repeats, budget_s // round_s)))
 
 
-def abba_blocks(labels: Sequence[str], repeats: int) -> list[tuple[str, int]]:
-    """(label, runs) blocks: every label in order, then in reverse; ceil and floor of half the repeats."""
-    forward, backward = (repeats + 1) // 2, repeats // 2
-    return [(label, forward) for label in labels] + [(label, backward) for label in reversed(labels)]
+def abba_blocks(repeats: dict[str, int]) -> list[tuple[str, int]]:
+    """(label, runs) blocks: every label in order, then in reverse; ceil and floor of half its repeats."""
+    labels = list(repeats)
+    return ([(label, (repeats[label] + 1) // 2) for label in labels]
+            + [(label, repeats[label] // 2) for label in reversed(labels)])
 
 
 def time_backends(runners: dict[str, Callable[[], Any]], *, budget_s: float, min_repeats: int,
@@ -181,7 +184,8 @@ def time_backends(runners: dict[str, Callable[[], Any]], *, budget_s: float, min
     ``times[label]`` lists the timed runs; ``results[label]`` is the warm-up's
     result; ``memory[label]`` is (peak traced, peak RSS growth) for the labels
     in ``memory_of``, whose warm-up runs under :func:`measure_peak`.  With
-    ``repeats`` None the count comes from :func:`repeat_count`.
+    ``repeats`` None the count comes from :func:`repeat_count`, except that a
+    runner whose warm-up alone took over SLOW_FACTOR budgets is timed once.
     """
     with _frozen_heap():
         return _time_backends(runners, budget_s=budget_s, min_repeats=min_repeats, max_repeats=max_repeats,
@@ -218,12 +222,16 @@ def _time_backends(runners, *, budget_s, min_repeats, max_repeats, repeats, memo
             warm_up[label], results[label], *memory[label] = measure_peak(runner)
         else:
             warm_up[label], results[label] = timed(runner)
+    counts = dict.fromkeys(runners, repeats)
     if repeats is None:
-        repeats = repeat_count(sum(warm_up.values()), budget_s=budget_s, min_repeats=min_repeats,
-                               max_repeats=max_repeats)
-    log(f"  warm-up round {sum(warm_up.values()):.3g} s, {repeats} timed runs each")
+        count = repeat_count(sum(warm_up.values()), budget_s=budget_s, min_repeats=min_repeats,
+                             max_repeats=max_repeats)
+        # a row slower than twice the whole budget (a plain reference on a long job) runs once more only
+        counts = {label: 1 if warm_up[label] > SLOW_FACTOR * budget_s else count for label in runners}
+    runs = ", ".join(f"{label} {count}" for label, count in counts.items())
+    log(f"  warm-up round {sum(warm_up.values()):.3g} s; timed runs: {runs}")
     times: dict[str, list[float]] = {label: [] for label in runners}
-    for label, count in abba_blocks(list(runners), repeats):
+    for label, count in abba_blocks(counts):
         gc.collect()
         if count and warm_up[label] < SETTLE_BELOW_S:
             timed(runners[label])
