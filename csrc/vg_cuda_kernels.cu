@@ -269,14 +269,30 @@ __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, do
     __shared__ double scratch[32];
     const long long row = blockIdx.x;
     T *gr = g + row * n;
-    double total = 0;
+    /* Prescale by the power of two 2^-e that brings the largest entry into [0.5, 1)
+       (exact; two factors for subnormal rows): the sum of squares then neither
+       underflows nor overflows, so the log norm is exact for any finite scale. */
+    double largest = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-        total += (double)gr[i] * gr[i];
-    const double norm = sqrt(vg_block_sum(total, scratch));
+        largest = fmax(largest, fabs((double)gr[i]));
+    largest = vg_block_max(largest, scratch);
+    int exponent = 0;
+    if (largest > 0)
+        frexp(largest, &exponent);
+    const double unit = ldexp(1.0, exponent < -1000 ? (-exponent) / 2 : -exponent);
+    const double unit_rest = exponent < -1000 ? ldexp(1.0, -exponent - (-exponent) / 2) : 1.0;
+    double total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const double value = ((double)gr[i] * unit) * unit_rest;
+        total += value * value;
+    }
+    total = vg_block_sum(total, scratch);
+    const double norm = largest > 0 ? sqrt(total) : 0.0;
+    const double log_norm_row = exponent * 0.6931471805599453 + 0.5 * log(total);
     if (norm > 0) {
-        const T inv = (T)(1.0 / norm);
+        const double inv = 1.0 / norm;
         for (int i = threadIdx.x; i < n; i += blockDim.x)
-            gr[i] = gr[i] * inv;
+            gr[i] = (T)((((double)gr[i] * unit) * unit_rest) * inv);
     }
     if (u != nullptr) {
         const T *ur = u + row * n;
@@ -289,8 +305,8 @@ __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, do
     }
     if (threadIdx.x == 0) {
         if (norm > 0) {
-            log_norm[row * stride] = log_scale[row] + log(norm);
-            log_scale[row] = log_scale[row] + log(norm);
+            log_norm[row * stride] = log_scale[row] + log_norm_row;
+            log_scale[row] = log_scale[row] + log_norm_row;
         } else {
             log_norm[row * stride] = vg_negative_infinity();
         }
