@@ -41,6 +41,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("recurrent", "numpy"): "vgcore.backends.reference_recurrent",
     ("batchnorm", "cpu"): "vgcore.backends.cpu_batchnorm",
     ("batchnorm", "numpy"): "vgcore.backends.reference_batchnorm",
+    ("batchnorm", "cuda"): "vgcore.backends.cuda_batchnorm",
 }
 
 
