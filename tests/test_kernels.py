@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 import vgcore as vg
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
-from vgcore._ext import _kernels
+from vgcore._ext import _kernels, _spectra
 from vgcore.backends import _threads, cpu_stack
 
 
@@ -108,19 +108,20 @@ def test_thread_count_is_honoured():
             assert _threads.n_threads() == 2
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("partitions", [1, 2, 3, 5])
 @pytest.mark.parametrize("batch", [1, 2, 3, 7])
 @pytest.mark.parametrize("k", [1, 2, 6])
-def test_work_items_cover_every_vector_once(threads, batch, k):
+def test_work_items_cover_every_vector_once(partitions, batch, k):
     """JVP / VJP work partition: every (sample, vector) row is handled exactly once."""
     stack = vg.Stack.random(3, 5, activation="linear", seed=1)
     x = vg.random_inputs(stack, batch, seed=2)
     vectors = np.random.default_rng(3).standard_normal((batch, k, 5))
-    expected = vg.jvp(stack, x, vectors, backend="numpy")
-    out = vectors.copy()
-    items = _kernels.work_items(batch, k, threads)
-    _kernels.jvp(stack.weights, stack.biases, x, 0, False, 0.0, 0, out, items, threads)
-    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    items = _kernels.work_items(batch, k, partitions)
+    assert items >= min(partitions, batch * k)  # every partition gets work while there is enough
+    for kernel, public in ((_kernels.jvp, vg.jvp), (_kernels.vjp, vg.vjp)):
+        out = vectors.copy()
+        kernel(stack.weights, stack.biases, x, 0, False, 0.0, 0, out, items, 2)
+        np.testing.assert_allclose(out, public(stack, x, vectors, backend="numpy"), rtol=1e-12)
 
 
 @given(st.lists(stack_cases(max_depth=12, max_width=16, max_batch=4), min_size=1, max_size=6))
@@ -153,3 +154,93 @@ def test_bad_segment_is_refused(segment, error):
     stack = vg.Stack.random(4, 3, seed=0)
     with pytest.raises(error, match=r"^segment:"):
         vg.gradient_profile(stack, vg.random_inputs(stack, 2), segment=segment)
+
+
+# ---------------------------------------------------------------------------
+# Workspaces that cannot be allocated
+# ---------------------------------------------------------------------------
+
+def _arrays(result) -> list[np.ndarray]:
+    if isinstance(result, np.ndarray):
+        return [result]
+    return [result.log_grad_norm, result.log_weight_grad_norm, result.saturation, result.dead]
+
+
+# (the kernel the error names, parallel regions that still allocate, the public call): every
+# parallel region of every kernel, reached through the public API
+FAILING_REGIONS = [
+    ("forward", 0, lambda s, x: vg.forward(s, x, backend="cpu")),
+    ("gradient_profile", 0, lambda s, x: vg.gradient_profile(s, x, backend="cpu")),
+    ("gradient_profile", 1, lambda s, x: vg.gradient_profile(s, x, backend="cpu")),  # weight norms
+    ("gradient_profile_segmented", 0, lambda s, x: vg.gradient_profile(s, x, backend="cpu", segment=2)),
+    ("gradient_profile_segmented", 1, lambda s, x: vg.gradient_profile(s, x, backend="cpu", segment=2)),
+    ("gradient_profile_segmented", 2, lambda s, x: vg.gradient_profile(s, x, backend="cpu", segment=2)),
+    ("gradient_profile_segmented", 4, lambda s, x: vg.gradient_profile(s, x, backend="cpu", segment=2)),
+    ("jvp", 0, lambda s, x: vg.jvp(s, x, np.ones((2, s.width)), backend="cpu")),
+    ("vjp", 0, lambda s, x: vg.vjp(s, x, np.ones((2, s.width)), backend="cpu")),
+    ("vjp", 0, lambda s, x: vg.jacobian(s, x, backend="cpu")),
+    ("vjp", 0, lambda s, x: vg.singular_values(s, x, backend="cpu")),
+    ("lyapunov_log_growth", 0, lambda s, x: vg.lyapunov_exponents(s, x, 2, backend="cpu")),
+]
+
+
+@pytest.fixture
+def fail_allocations():
+    """fail_allocations(after): workspace allocations fail once ``after`` parallel regions have run
+    (None: never); always switched off after the test."""
+    def switch(after: int | None) -> None:
+        for module in (_kernels, _spectra):
+            module._fail_allocations_for_tests(after is not None, after or 0)
+
+    yield switch
+    switch(None)
+
+
+@pytest.mark.parametrize(("kernel", "after", "call"), FAILING_REGIONS)
+def test_failed_workspace_allocation_raises_memory_error(fail_allocations, kernel, after, call):
+    """A thread's workspace that cannot be allocated raises MemoryError naming the kernel, never crashes."""
+    stack = vg.Stack.random(5, 4, norm="pre", residual=0.5, seed=0)  # 3 segments of 2 layers
+    x = vg.random_inputs(stack, 3, seed=1)
+    expected = _arrays(call(stack, x))
+    fail_allocations(after)
+    message = rf"^{kernel}: could not allocate \d+ bytes of workspace per thread$"
+    with pytest.raises(MemoryError, match=message):
+        call(stack, x)
+    fail_allocations(None)  # off again: the failed call left nothing behind
+    for got, want in zip(_arrays(call(stack, x)), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_workspace_beyond_the_address_space_raises_memory_error(tmp_path):
+    """A real malloc failure: a VJP whose per-thread workspace (~20 L B bytes) is far over the limit.
+
+    The child caps its address space a little above what it uses, so malloc
+    returns NULL for the 2.5 L B values each thread keeps, while the call's
+    own arrays (weights L, inputs and cotangents B values) are tiny.
+    """
+    import subprocess
+    import sys
+
+    from conftest import child_environment
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("address-space limit read from /proc")
+    script = """
+import resource
+import numpy as np
+import vgcore as vg
+depth = batch = 20000
+stack = vg.Stack.random(depth, 1, seed=0)
+x = vg.random_inputs(stack, batch, seed=1)
+vg.vjp(stack, x[:2], np.ones((1, 1)), backend="cpu")  # threads and BLAS buffers in place
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**31, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    vg.vjp(stack, x, np.ones((1, 1)), backend="cpu")
+except MemoryError as error:
+    print("MemoryError:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=child_environment(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("MemoryError: vjp: could not allocate"), result.stdout

@@ -1,7 +1,7 @@
 """Compiled CPU kernels of vgcore: forward, backward and Jacobian products of deep stacks.
 
 Conventions (the Python layer in vgcore._api guarantees them; nothing here
-checks or raises):
+checks them):
 - every array is C-contiguous and of one floating dtype (float32 or float64),
   except log-norm outputs, which are float64;
 - weights are (L, n, n) in torch.nn.Linear's (out, in) layout, biases (L, n);
@@ -17,6 +17,12 @@ for any number of threads (BLAS may round a row differently for blocks of
 different heights).  The callers hold BLAS to one thread meanwhile.
 Reductions across samples (weight-gradient norms) run afterwards, in parallel
 over layers, one layer per thread.
+
+Workspaces: each thread mallocs one workspace inside the parallel region and
+carves it into named pieces with the kernel's layout function (``_*_pieces``,
+see vgcore/_ext/_layers.pxd), measured once before the region.  When a
+thread's allocation fails, the threads skip their work and the kernel raises
+MemoryError after the region; nothing else here raises.
 
 Row-major (B, n) blocks are handed to Fortran BLAS as their column-major
 transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
@@ -40,17 +46,20 @@ from vgcore._ext._layers cimport (
     VG_SELU_SCALE,
     NORM_PRE,
     VG_SATURATION_THRESHOLD,
+    Workspace,
     _activation_block,
     _block_start,
     _forward_layer,
     _gemm,
     _gram_upper,
     _jvp_layer,
+    _measuring,
+    _piece,
     _recompute_pre_norm,
     _vjp_layer,
+    _workspace_allocate,
+    _workspace_free,
 )
-
-import numpy as np
 
 
 cdef extern from "vg_openmp.h" nogil:
@@ -71,6 +80,37 @@ def num_procs():
 def has_openmp():
     """Whether the extension was compiled with OpenMP."""
     return bool(vg_has_openmp())
+
+
+# The tests' way to the MemoryError paths: parallel regions still to let through before every
+# workspace allocation of this module fails; -1: never fail.
+cdef Py_ssize_t _regions_before_failure = -1
+
+
+def _fail_allocations_for_tests(bint fail, Py_ssize_t after=0):
+    """For tests: make workspace allocations fail (True) or work again (False).
+
+    With ``after`` = m the first m parallel regions of this module's kernels
+    (counted across calls, in program order) still allocate, so that a
+    kernel's later regions can be made to fail too.
+    """
+    global _regions_before_failure
+    _regions_before_failure = after if fail else -1
+
+
+cdef bint _refuse_workspaces():
+    """Whether the next parallel region's workspace allocations are to fail (the test switch)."""
+    global _regions_before_failure
+    if _regions_before_failure < 0:
+        return False
+    if _regions_before_failure == 0:
+        return True
+    _regions_before_failure -= 1
+    return False
+
+
+cdef object _workspace_error(str kernel, size_t size):
+    return MemoryError(f"{kernel}: could not allocate {size} bytes of workspace per thread")
 
 
 def compiled_constants():
@@ -141,37 +181,76 @@ cdef inline void _count_derivatives(Py_ssize_t rows, Py_ssize_t n, const floatin
 # Forward pass
 # ---------------------------------------------------------------------------
 
+cdef void _forward_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, floating **ping,
+                          floating **pong, floating **derivative, floating **u_work,
+                          floating **mean_pre, floating **inv_pre, floating **inv_post) noexcept nogil:
+    """forward's workspace for blocks of up to ``rows`` samples.
+
+    Two layer outputs in turn (ping, pong), and one layer's phi'(h), LN(x)
+    for pre-norm and LN statistics, all (rows, n) or (rows,).
+    """
+    cdef floating kind = 0
+    ping[0] = _piece(space, rows * n, kind)
+    pong[0] = _piece(space, rows * n, kind)
+    derivative[0] = _piece(space, rows * n, kind)
+    u_work[0] = _piece(space, rows * n, kind)
+    mean_pre[0] = _piece(space, rows, kind)
+    inv_pre[0] = _piece(space, rows, kind)
+    inv_post[0] = _piece(space, rows, kind)
+
+
 def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
             const floating[:, ::1] x, int activation, bint has_residual, double residual, int norm,
             floating[:, ::1] out, Py_ssize_t n_blocks, int n_threads):
-    """x_L of a stack for inputs x (B, n) into out (B, n), in n_blocks blocks of samples."""
+    """x_L of a stack for inputs x (B, n) into out (B, n), in n_blocks blocks of samples.
+
+    Raises MemoryError when a thread's workspace cannot be allocated (out is then incomplete).
+    """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t block, start, stop, rows, layer, max_rows = (batch + n_blocks - 1) // n_blocks
-    cdef floating *buffer = NULL
     cdef floating *ping
     cdef floating *pong
+    cdef floating *derivative
+    cdef floating *u_work
+    cdef floating *mean_pre
+    cdef floating *inv_pre
+    cdef floating *inv_post
     cdef const floating *source
     cdef floating *target
     cdef floating res = <floating> residual
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _forward_pieces(&space, max_rows, n, &ping, &pong, &derivative, &u_work, &mean_pre, &inv_pre,
+                    &inv_post)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
-        # ping | pong | phi'(h) | LN(x) | mean, inv_pre, inv_post
-        buffer = <floating *> malloc((4 * max_rows * n + 3 * max_rows) * sizeof(floating))
+        # assigned in the region, so each thread has its own (Cython makes them private)
+        ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = NULL
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _forward_pieces(&space, max_rows, n, &ping, &pong, &derivative, &u_work, &mean_pre,
+                            &inv_pre, &inv_post)
         for block in prange(n_blocks, schedule='static'):
+            if space.base == NULL:
+                continue
             start = _block_start(block, n_blocks, batch)
             stop = _block_start(block + 1, n_blocks, batch)
             rows = stop - start
-            ping = buffer
-            pong = buffer + max_rows * n
             source = &x[start, 0]
             for layer in range(depth):
                 target = &out[start, 0] if layer == depth - 1 else (ping if layer % 2 == 0 else pong)
                 _forward_layer(rows, n, activation, has_residual, res, norm, &weights[layer, 0, 0],
-                               &biases[layer, 0], source, target,
-                               buffer + 2 * max_rows * n, buffer + 3 * max_rows * n,
-                               buffer + 4 * max_rows * n, buffer + 4 * max_rows * n + max_rows,
-                               buffer + 4 * max_rows * n + 2 * max_rows)
+                               &biases[layer, 0], source, target, derivative, u_work, mean_pre,
+                               inv_pre, inv_post)
                 source = target
-        free(buffer)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error("forward", size)
 
 
 # ---------------------------------------------------------------------------
@@ -237,26 +316,43 @@ cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ss
                          const floating *grad_output, floating *xs, floating *derivatives,
                          floating *mean_pre, floating *inv_pre, floating *inv_post, double *log_scale_h,
                          double *log_grad_norm, long long *saturated, unsigned char *alive,
-                         floating *scratch, double *log_scale) noexcept nogil:
+                         floating *g, floating *work, floating *u_work,
+                         double *log_scale) noexcept nogil:
     """Forward and renormalised backward of samples [start, start + rows) through every layer.
 
     Layouts: weights (L, n, n), biases (L, n), x and grad_output (B, n), xs
     (L+1, B, n), derivatives (L, B, n) (phi'(h), then the unit-scaled
     cotangents at h), mean_pre / inv_pre / inv_post / log_scale_h (L, B),
     log_grad_norm (B, L+1); saturated (L,) and alive (L, n) accumulate this
-    block's counts.  scratch holds 3 rows * n values, log_scale rows.
+    block's counts.  Scratch (_profile_pieces): the cotangent g, work and
+    u_work (rows, n), and g's log scales log_scale (rows,).
     """
-    cdef floating *g = scratch
     memcpy(xs + start * n, x + start * n, rows * n * sizeof(floating))
     _forward_layers(depth, n, batch, start, rows, activation, has_residual, res, norm, weights, biases,
-                    xs, derivatives, mean_pre, inv_pre, inv_post, saturated, alive,
-                    scratch + 2 * rows * n)
+                    xs, derivatives, mean_pre, inv_pre, inv_post, saturated, alive, u_work)
     memcpy(g, grad_output + start * n, rows * n * sizeof(floating))
     memset(log_scale, 0, rows * sizeof(double))
     _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + depth, depth + 1)
     _backward_layers(depth, 0, depth, n, batch, start, rows, has_residual, res, norm, weights, xs,
                      derivatives, mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, g, log_scale,
-                     scratch + rows * n, scratch + 2 * rows * n)
+                     work, u_work)
+
+
+cdef void _profile_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, floating **g,
+                          floating **work, floating **u_work, double **log_scale) noexcept nogil:
+    """_profile_block's scratch for blocks of up to ``rows`` samples."""
+    cdef floating kind = 0
+    g[0] = _piece(space, rows * n, kind)
+    work[0] = _piece(space, rows * n, kind)
+    u_work[0] = _piece(space, rows * n, kind)
+    log_scale[0] = _piece(space, rows, <double> 0)
+
+
+cdef void _weight_gradient_pieces(Workspace *space, Py_ssize_t batch, Py_ssize_t n,
+                                  floating **scratch) noexcept nogil:
+    """The weight-gradient norms' workspace: _weight_gradient_norm's scratch for one layer."""
+    cdef floating kind = 0
+    scratch[0] = _piece(space, _weight_gradient_scratch(batch, n), kind)
 
 
 cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
@@ -350,36 +446,99 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
     saturated (blocks, L) and the alive flags alive (blocks, L, n) (zeroed by
     the caller), which the caller reduces into fractions.  The batch is cut
     into saturated.shape[0] blocks, which threads share out; then the
-    weight-gradient norms run in parallel over layers.
+    weight-gradient norms run in parallel over layers.  Raises MemoryError
+    when a thread's workspace cannot be allocated.
     """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t n_blocks = saturated.shape[0]
-    cdef Py_ssize_t block, start, layer
+    cdef Py_ssize_t block, start
     cdef Py_ssize_t max_rows = (batch + n_blocks - 1) // n_blocks
-    cdef floating *buffer = NULL
-    cdef double *log_scale = NULL
+    cdef floating *g
+    cdef floating *work
+    cdef floating *u_work
+    cdef double *log_scale
     cdef floating res = <floating> residual
-    cdef Py_ssize_t plane = batch * n
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _profile_pieces(&space, max_rows, n, &g, &work, &u_work, &log_scale)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
-        buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
-        log_scale = <double *> malloc(max_rows * sizeof(double))
+        # assigned in the region, so each thread has its own (Cython makes them private)
+        g = work = u_work = NULL
+        log_scale = NULL
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _profile_pieces(&space, max_rows, n, &g, &work, &u_work, &log_scale)
         for block in prange(n_blocks, schedule='static'):
+            if space.base == NULL:
+                continue
             start = _block_start(block, n_blocks, batch)
             _profile_block(depth, n, batch, start, _block_start(block + 1, n_blocks, batch) - start,
                            activation, has_residual, res, norm, &weights[0, 0, 0], &biases[0, 0],
                            &x[0, 0], &grad_output[0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
                            &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
                            &log_grad_norm[0, 0], &saturated[block, 0], &alive[block, 0, 0],
-                           buffer, log_scale)
-        free(buffer)
-        free(log_scale)
-    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, depth))):
-        buffer = <floating *> malloc(_weight_gradient_scratch(batch, n) * sizeof(floating))
-        for layer in prange(depth, schedule='dynamic'):
-            log_weight_grad_norm[layer] = _weight_gradient_norm(
-                batch, n, norm, &derivatives[layer, 0, 0], &xs[layer, 0, 0], &mean_pre[layer, 0],
-                &inv_pre[layer, 0], &log_scale_h[layer, 0], buffer)
-        free(buffer)
+                           g, work, u_work, log_scale)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error("gradient_profile", size)
+    _weight_gradient_norms(depth, batch, n, norm, &derivatives[0, 0, 0], &xs[0, 0, 0], &mean_pre[0, 0],
+                           &inv_pre[0, 0], &log_scale_h[0, 0], &log_weight_grad_norm[0], n_threads,
+                           "gradient_profile")
+
+
+cdef int _weight_gradient_norms(Py_ssize_t count, Py_ssize_t batch, Py_ssize_t n, int norm,
+                                const floating *derivatives, const floating *xs,
+                                const floating *mean_pre, const floating *inv_pre,
+                                const double *log_scale_h, double *out, int n_threads,
+                                str kernel) except -1:
+    """out[l] <- _weight_gradient_norm of layer l, for ``count`` layers, in parallel over layers.
+
+    The arrays are gradient_profile's workspaces from the first of the
+    layers on: derivatives (holding the cotangents at h) and xs (count, B, n),
+    mean_pre, inv_pre and log_scale_h (count, B).  Raises MemoryError naming
+    ``kernel`` when a thread's scratch cannot be allocated.
+    """
+    cdef Py_ssize_t layer, plane = batch * n
+    cdef floating *scratch
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _weight_gradient_pieces(&space, batch, n, &scratch)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
+    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, count))):
+        scratch = NULL  # assigned in the region, so each thread has its own
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _weight_gradient_pieces(&space, batch, n, &scratch)
+        for layer in prange(count, schedule='dynamic'):
+            if space.base == NULL:
+                continue
+            out[layer] = _weight_gradient_norm(batch, n, norm, derivatives + layer * plane,
+                                               xs + layer * plane, mean_pre + layer * batch,
+                                               inv_pre + layer * batch, log_scale_h + layer * batch,
+                                               scratch)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error(kernel, size)
+    return 0
+
+
+cdef void _segment_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, floating **work,
+                          floating **u_work) noexcept nogil:
+    """gradient_profile_segmented's scratch for blocks of up to ``rows`` samples: two (rows, n) blocks."""
+    cdef floating kind = 0
+    work[0] = _piece(space, rows * n, kind)
+    u_work[0] = _piece(space, rows * n, kind)
 
 
 def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
@@ -402,18 +561,34 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
     its log scale (B,) from one segment to the next.  One extra forward pass
     for memory (L/S + 2S) B n instead of 2 L B n; the same operations as
     gradient_profile in the same order, so the results are bitwise equal.
+    Raises MemoryError when a thread's workspace cannot be allocated.
     """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t n_blocks = saturated.shape[0], n_segments = checkpoints.shape[0]
-    cdef Py_ssize_t block, start, rows, seg, first, count, layer
+    cdef Py_ssize_t block, start, rows, seg, first, count
     cdef Py_ssize_t max_rows = (batch + n_blocks - 1) // n_blocks
-    cdef floating *buffer = NULL
+    cdef floating *work
+    cdef floating *u_work
     cdef floating res = <floating> residual
     cdef int threads = max(1, min(n_threads, n_blocks))
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _segment_pieces(&space, max_rows, n, &work, &u_work)
+    cdef size_t size = space.used
 
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=threads):
-        buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
+        work = u_work = NULL  # assigned in the region, so each thread has its own
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _segment_pieces(&space, max_rows, n, &work, &u_work)
         for block in prange(n_blocks, schedule='static'):
+            if space.base == NULL:
+                continue
             start = _block_start(block, n_blocks, batch)
             rows = _block_start(block + 1, n_blocks, batch) - start
             memcpy(&xs[0, start, 0], &x[start, 0], rows * n * sizeof(floating))
@@ -424,40 +599,47 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
                 _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
                                 &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
                                 &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
-                                &saturated[block, first], &alive[block, first, 0], buffer)
+                                &saturated[block, first], &alive[block, first, 0], u_work)
                 memcpy(&xs[0, start, 0], &xs[count, start, 0], rows * n * sizeof(floating))
             memcpy(&g[start, 0], &grad_output[start, 0], rows * n * sizeof(floating))
             memset(&log_scale[start], 0, rows * sizeof(double))
             _renormalise_rows(rows, n, &g[start, 0], &log_scale[start], &log_grad_norm[start, depth],
                               depth + 1)
-        free(buffer)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error("gradient_profile_segmented", size)
 
     for seg in range(n_segments - 1, -1, -1):
         first = seg * segment
         count = min(segment, depth - first)
+        refuse = _refuse_workspaces()
         with nogil, parallel(num_threads=threads):
-            buffer = <floating *> malloc(3 * max_rows * n * sizeof(floating))
+            work = u_work = NULL  # assigned in the region, so each thread has its own
+            space = _workspace_allocate(size, refuse)
+            if space.base == NULL:
+                failure[0] = 1
+            else:
+                _segment_pieces(&space, max_rows, n, &work, &u_work)
             for block in prange(n_blocks, schedule='static'):
+                if space.base == NULL:
+                    continue
                 start = _block_start(block, n_blocks, batch)
                 rows = _block_start(block + 1, n_blocks, batch) - start
                 memcpy(&xs[0, start, 0], &checkpoints[seg, start, 0], rows * n * sizeof(floating))
                 _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
                                 &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
                                 &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
-                                <long long *> NULL, <unsigned char *> NULL, buffer)
+                                <long long *> NULL, <unsigned char *> NULL, u_work)
                 _backward_layers(count, first, depth, n, batch, start, rows, has_residual, res, norm,
                                  &weights[first, 0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
                                  &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
-                                 &log_grad_norm[0, 0], &g[start, 0], &log_scale[start], buffer,
-                                 buffer + max_rows * n)
-            free(buffer)
-        with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, count))):
-            buffer = <floating *> malloc(_weight_gradient_scratch(batch, n) * sizeof(floating))
-            for layer in prange(count, schedule='dynamic'):
-                log_weight_grad_norm[first + layer] = _weight_gradient_norm(
-                    batch, n, norm, &derivatives[layer, 0, 0], &xs[layer, 0, 0], &mean_pre[layer, 0],
-                    &inv_pre[layer, 0], &log_scale_h[layer, 0], buffer)
-            free(buffer)
+                                 &log_grad_norm[0, 0], &g[start, 0], &log_scale[start], work, u_work)
+            _workspace_free(&space)
+        if failed:
+            raise _workspace_error("gradient_profile_segmented", size)
+        _weight_gradient_norms(count, batch, n, norm, &derivatives[0, 0, 0], &xs[0, 0, 0],
+                               &mean_pre[0, 0], &inv_pre[0, 0], &log_scale_h[0, 0],
+                               &log_weight_grad_norm[first], n_threads, "gradient_profile_segmented")
 
 
 def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[::1] bias_addresses,
@@ -501,7 +683,8 @@ def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[:
                            <const floating *> <size_t> bias_addresses[c], &x[c, 0, 0],
                            &grad_output[c, 0, 0], xs, derivatives, stats, stats + depth * batch,
                            stats + 2 * depth * batch, scales, &log_grad_norm[c, 0, 0],
-                           &saturated[c, 0], &alive[c, 0, 0], scratch, scales + depth * batch)
+                           &saturated[c, 0], &alive[c, 0, 0], scratch,
+                           scratch + batch * n, scratch + 2 * batch * n, scales + depth * batch)
             for layer in range(depth):
                 log_weight_grad_norm[c, layer] = _weight_gradient_norm(
                     batch, n, norms[c], derivatives + layer * plane, xs + layer * plane,
@@ -543,107 +726,198 @@ cdef inline WorkItem _work_item(Py_ssize_t item, Py_ssize_t batch, Py_ssize_t k,
     return w
 
 
-def work_items(Py_ssize_t batch, Py_ssize_t k, int n_threads):
-    """How many work items a JVP / VJP of B samples and k vectors is cut into."""
-    if batch >= n_threads:
-        return max(1, n_threads)
-    return batch * min(k, max(1, n_threads // batch + (n_threads % batch > 0)))
+def work_items(Py_ssize_t batch, Py_ssize_t k, Py_ssize_t n_partitions):
+    """How many work items a JVP / VJP of ``batch`` samples and k vectors is cut into.
+
+    n_partitions is how many parts the caller wants at least
+    (vgcore.backends._threads.n_partitions: fixed per machine, never the
+    thread count, so that results do not depend on it).  With at least that
+    many samples, that many items, blocks of samples; with fewer, each
+    sample's k vectors are cut into ceil(n_partitions / batch) blocks (at
+    most k), so that the items still number about n_partitions.
+    """
+    if batch >= n_partitions:
+        return max(1, n_partitions)
+    return batch * min(k, max(1, n_partitions // batch + (n_partitions % batch > 0)))
+
+
+cdef void _jvp_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t rows, Py_ssize_t n,
+                      floating **ping, floating **pong, floating **derivative,
+                      floating **u_work, floating **mean_pre, floating **inv_pre, floating **inv_post,
+                      floating **work, floating **work2) noexcept nogil:
+    """jvp's workspace for items of up to ``samples`` samples and ``rows`` tangents.
+
+    Two layer outputs in turn (ping, pong; an item starts from ping), and a
+    layer's phi'(h), LN(x) for pre-norm (samples, n) and LN statistics
+    (samples,); _jvp_layer's scratch work and work2 (rows, n).
+    """
+    cdef floating kind = 0
+    ping[0] = _piece(space, samples * n, kind)
+    pong[0] = _piece(space, samples * n, kind)
+    derivative[0] = _piece(space, samples * n, kind)
+    u_work[0] = _piece(space, samples * n, kind)
+    mean_pre[0] = _piece(space, samples, kind)
+    inv_pre[0] = _piece(space, samples, kind)
+    inv_post[0] = _piece(space, samples, kind)
+    work[0] = _piece(space, rows * n, kind)
+    work2[0] = _piece(space, rows * n, kind)
 
 
 def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
         int activation, bint has_residual, double residual, int norm, floating[:, :, ::1] tangents,
         Py_ssize_t n_items, int n_threads):
-    """In place: tangents (B, k, n) at the input -> J(x_b) tangents at the output."""
+    """In place: tangents (B, k, n) at the input -> J(x_b) tangents at the output.
+
+    Raises MemoryError when a thread's workspace cannot be allocated (tangents are then incomplete).
+    """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t k = tangents.shape[1]
     cdef Py_ssize_t item, s0, s1, v0, v1, samples, rows, layer
-    cdef WorkItem work
+    cdef WorkItem span
     cdef Py_ssize_t max_samples = 1 if batch < n_items else (batch + n_items - 1) // n_items
     cdef Py_ssize_t max_rows = max_samples * k
-    cdef floating *buffer = NULL
+    cdef floating *ping
+    cdef floating *pong
     cdef floating *current
     cdef floating *following
     cdef floating *swap
+    cdef floating *derivative
+    cdef floating *u_work
+    cdef floating *mean_pre
+    cdef floating *inv_pre
+    cdef floating *inv_post
+    cdef floating *work
+    cdef floating *work2
     cdef floating res = <floating> residual
-    cdef Py_ssize_t state = 4 * max_samples * n + 3 * max_samples
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _jvp_pieces(&space, max_samples, max_rows, n, &ping, &pong, &derivative, &u_work,
+                &mean_pre, &inv_pre, &inv_post, &work, &work2)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
-        buffer = <floating *> malloc((state + 2 * max_rows * n) * sizeof(floating))
+        # assigned in the region, so each thread has its own (Cython makes them private)
+        ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = work = work2 = NULL
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _jvp_pieces(&space, max_samples, max_rows, n, &ping, &pong, &derivative, &u_work,
+                        &mean_pre, &inv_pre, &inv_post, &work, &work2)
         for item in prange(n_items, schedule='static'):
-            work = _work_item(item, batch, k, n_items)
-            s0 = work.sample_start
-            s1 = work.sample_stop
-            v0 = work.vector_start
-            v1 = work.vector_stop
+            if space.base == NULL:
+                continue
+            span = _work_item(item, batch, k, n_items)
+            s0 = span.sample_start
+            s1 = span.sample_stop
+            v0 = span.vector_start
+            v1 = span.vector_stop
             samples = s1 - s0
             rows = samples * (v1 - v0)
-            current = buffer
-            following = buffer + max_samples * n
+            current = ping
+            following = pong
             memcpy(current, &x[s0, 0], samples * n * sizeof(floating))
             for layer in range(depth):
-                # buffer: current | following | derivative | u | mean, inv_pre, inv_post
                 _forward_layer(samples, n, activation, has_residual, res, norm,
                                &weights[layer, 0, 0], &biases[layer, 0], current, following,
-                               buffer + 2 * max_samples * n, buffer + 3 * max_samples * n,
-                               buffer + 4 * max_samples * n, buffer + 4 * max_samples * n + max_samples,
-                               buffer + 4 * max_samples * n + 2 * max_samples)
+                               derivative, u_work, mean_pre, inv_pre, inv_post)
                 _jvp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
-                           buffer + 3 * max_samples * n if norm == NORM_PRE else current, following,
-                           buffer + 2 * max_samples * n,
-                           buffer + 4 * max_samples * n + max_samples,
-                           buffer + 4 * max_samples * n + 2 * max_samples,
-                           &tangents[s0, v0, 0], buffer + state, buffer + state + max_rows * n)
+                           u_work if norm == NORM_PRE else current, following, derivative, inv_pre,
+                           inv_post, &tangents[s0, v0, 0], work, work2)
                 swap = current
                 current = following
                 following = swap
-        free(buffer)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error("jvp", size)
+
+
+cdef void _vjp_pieces(Workspace *space, Py_ssize_t depth, Py_ssize_t samples, Py_ssize_t rows,
+                      Py_ssize_t n, floating **xs, floating **derivatives, floating **mean_pre,
+                      floating **inv_pre, floating **inv_post, floating **u_work, floating **g_h,
+                      floating **work) noexcept nogil:
+    """vjp's workspace for items of up to ``samples`` samples and ``rows`` cotangents.
+
+    What the backward pass reads of the forward pass: xs (L+1, samples, n)
+    the layer outputs, derivatives (L, samples, n) phi'(h), mean_pre /
+    inv_pre / inv_post (L, samples) LN statistics; _vjp_layer's scratch
+    u_work (samples, n), g_h and work (rows, n).
+    """
+    cdef floating kind = 0
+    xs[0] = _piece(space, (depth + 1) * samples * n, kind)
+    derivatives[0] = _piece(space, depth * samples * n, kind)
+    mean_pre[0] = _piece(space, depth * samples, kind)
+    inv_pre[0] = _piece(space, depth * samples, kind)
+    inv_post[0] = _piece(space, depth * samples, kind)
+    u_work[0] = _piece(space, samples * n, kind)
+    g_h[0] = _piece(space, rows * n, kind)
+    work[0] = _piece(space, rows * n, kind)
 
 
 def vjp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
         int activation, bint has_residual, double residual, int norm, floating[:, :, ::1] cotangents,
         Py_ssize_t n_items, int n_threads):
-    """In place: cotangents (B, k, n) at the output -> J(x_b)^T cotangents at the input."""
+    """In place: cotangents (B, k, n) at the output -> J(x_b)^T cotangents at the input.
+
+    Raises MemoryError when a thread's workspace cannot be allocated (cotangents are then incomplete).
+    """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t k = cotangents.shape[1]
     cdef Py_ssize_t item, s0, s1, v0, v1, samples, rows, layer
-    cdef WorkItem work
+    cdef WorkItem span
     cdef Py_ssize_t max_samples = 1 if batch < n_items else (batch + n_items - 1) // n_items
     cdef Py_ssize_t max_rows = max_samples * k
     cdef Py_ssize_t plane = max_samples * n
-    cdef floating *buffer = NULL
-    cdef floating *stored_x
-    cdef floating *stored_d
-    cdef floating *stats
-    cdef floating *scratch
+    cdef floating *xs
+    cdef floating *derivatives
+    cdef floating *mean_pre
+    cdef floating *inv_pre
+    cdef floating *inv_post
+    cdef floating *u_work
+    cdef floating *g_h
+    cdef floating *work
     cdef floating res = <floating> residual
-    # per item: x_0..x_L | phi'(h) per layer | mean, inv_pre, inv_post per layer | scratch
-    cdef Py_ssize_t size = ((depth + 1) * plane + depth * plane + 3 * depth * max_samples
-                            + 2 * max_rows * n + 2 * plane)
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _vjp_pieces(&space, depth, max_samples, max_rows, n, &xs, &derivatives, &mean_pre, &inv_pre,
+                &inv_post, &u_work, &g_h, &work)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
-        buffer = <floating *> malloc(size * sizeof(floating))
+        # assigned in the region, so each thread has its own (Cython makes them private)
+        xs = derivatives = mean_pre = inv_pre = inv_post = u_work = g_h = work = NULL
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _vjp_pieces(&space, depth, max_samples, max_rows, n, &xs, &derivatives, &mean_pre,
+                        &inv_pre, &inv_post, &u_work, &g_h, &work)
         for item in prange(n_items, schedule='static'):
-            work = _work_item(item, batch, k, n_items)
-            s0 = work.sample_start
-            s1 = work.sample_stop
-            v0 = work.vector_start
-            v1 = work.vector_stop
+            if space.base == NULL:
+                continue
+            span = _work_item(item, batch, k, n_items)
+            s0 = span.sample_start
+            s1 = span.sample_stop
+            v0 = span.vector_start
+            v1 = span.vector_stop
             samples = s1 - s0
             rows = samples * (v1 - v0)
-            stored_x = buffer
-            stored_d = stored_x + (depth + 1) * plane
-            stats = stored_d + depth * plane
-            scratch = stats + 3 * depth * max_samples
-            memcpy(stored_x, &x[s0, 0], samples * n * sizeof(floating))
+            memcpy(xs, &x[s0, 0], samples * n * sizeof(floating))
             for layer in range(depth):
                 _forward_layer(samples, n, activation, has_residual, res, norm,
-                               &weights[layer, 0, 0], &biases[layer, 0], stored_x + layer * plane,
-                               stored_x + (layer + 1) * plane, stored_d + layer * plane, scratch,
-                               stats + (3 * layer) * max_samples, stats + (3 * layer + 1) * max_samples,
-                               stats + (3 * layer + 2) * max_samples)
+                               &weights[layer, 0, 0], &biases[layer, 0], xs + layer * plane,
+                               xs + (layer + 1) * plane, derivatives + layer * plane, u_work,
+                               mean_pre + layer * max_samples, inv_pre + layer * max_samples,
+                               inv_post + layer * max_samples)
             for layer in range(depth - 1, -1, -1):
                 _vjp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
-                           stored_x + layer * plane, stored_x + (layer + 1) * plane,
-                           stored_d + layer * plane, stats + (3 * layer) * max_samples,
-                           stats + (3 * layer + 1) * max_samples,
-                           stats + (3 * layer + 2) * max_samples, &cotangents[s0, v0, 0],
-                           scratch + 2 * plane, scratch + 2 * plane + max_rows * n, scratch)
-        free(buffer)
+                           xs + layer * plane, xs + (layer + 1) * plane, derivatives + layer * plane,
+                           mean_pre + layer * max_samples, inv_pre + layer * max_samples,
+                           inv_post + layer * max_samples, &cotangents[s0, v0, 0], g_h, work, u_work)
+        _workspace_free(&space)
+    if failed:
+        raise _workspace_error("vjp", size)

@@ -10,6 +10,8 @@ math is written once.  Conventions are those of vgcore._kernels: C-contiguous
 
 from cython cimport floating
 from libc.math cimport sqrt
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, sgemm, ssyrk
 
@@ -243,3 +245,63 @@ cdef inline Py_ssize_t _block_start(Py_ssize_t block, Py_ssize_t n_blocks,
     only when the loop body assigns it.
     """
     return (block * total) // n_blocks
+
+
+# ---------------------------------------------------------------------------
+# Workspaces: one allocation per thread, carved into named pieces
+# ---------------------------------------------------------------------------
+#
+# Each kernel writes its per-thread layout once, as a function that carves its
+# pieces with _piece in a fixed order.  Called on _measuring() (before the
+# parallel region) it only adds up the bytes; called on the thread's
+# _workspace_allocate(those bytes) with the same arguments it hands out the
+# pieces.  A NULL base means the allocation failed: the kernel's threads skip
+# their work and the kernel raises MemoryError after the region.
+
+cdef enum:
+    WORKSPACE_ALIGNMENT = 64  # a cache line, and the widest vector load (AVX-512)
+
+
+cdef struct Workspace:
+    char *base          # where the pieces start, WORKSPACE_ALIGNMENT-aligned; NULL: measuring or failed
+    size_t used         # bytes carved so far (after measuring: the bytes to allocate)
+    void *allocation    # what malloc returned (base rounds it up): what free takes
+
+
+cdef inline Workspace _measuring() noexcept nogil:
+    """A workspace without memory: carving from it only counts the bytes the pieces need."""
+    cdef Workspace space
+    space.base = NULL
+    space.used = 0
+    space.allocation = NULL
+    return space
+
+
+cdef inline Workspace _workspace_allocate(size_t size, bint refuse) noexcept nogil:
+    """``size`` bytes (a measuring pass's ``used``) to carve from; base is NULL when malloc fails.
+
+    ``refuse`` fails without asking malloc: the modules' test switch
+    (_fail_allocations_for_tests), so the MemoryError paths can be tested.
+    """
+    cdef Workspace space = _measuring()
+    if not refuse:
+        space.allocation = malloc(size + WORKSPACE_ALIGNMENT)
+    if space.allocation != NULL:
+        space.base = <char *> ((<uintptr_t> space.allocation + WORKSPACE_ALIGNMENT - 1)
+                               & ~(<uintptr_t> (WORKSPACE_ALIGNMENT - 1)))
+    return space
+
+
+cdef inline void _workspace_free(Workspace *space) noexcept nogil:
+    free(space.allocation)
+    space[0] = _measuring()
+
+
+cdef inline floating *_piece(Workspace *space, Py_ssize_t count, floating kind) noexcept nogil:
+    """The next ``count`` values of ``kind``'s type (kind only selects it), aligned; NULL while measuring."""
+    cdef size_t start = ((space.used + WORKSPACE_ALIGNMENT - 1)
+                         & ~(<size_t> (WORKSPACE_ALIGNMENT - 1)))
+    space.used = start + <size_t> count * sizeof(floating)
+    if space.base == NULL:
+        return NULL
+    return <floating *> (space.base + start)

@@ -24,7 +24,8 @@ Parallelism: the batch is cut into n_blocks contiguous blocks of samples
 block runs through every layer on its own, OpenMP threads take blocks, and
 each thread mallocs its workspace inside the parallel region.  Results are
 bitwise the same for any number of threads.  The caller holds BLAS / LAPACK
-to one thread meanwhile.
+to one thread meanwhile.  A workspace that cannot be allocated raises
+MemoryError after the parallel region.
 
 The layer's forward and JVP steps are vgcore/_layers.pxd's, the very code
 vgcore._kernels runs.
@@ -32,12 +33,47 @@ vgcore._kernels runs.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, fabs, log, sqrt
-from libc.stdlib cimport free, malloc
+from libc.math cimport INFINITY, fabs, log
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
 
-from vgcore._ext._layers cimport NORM_PRE, _block_start, _forward_layer, _jvp_layer
+from vgcore._ext._layers cimport (
+    NORM_PRE,
+    Workspace,
+    _block_start,
+    _forward_layer,
+    _jvp_layer,
+    _measuring,
+    _piece,
+    _workspace_allocate,
+    _workspace_free,
+)
+
+# The tests' way to the MemoryError paths: parallel regions still to let through before every
+# workspace allocation of this module fails; -1: never fail.
+cdef Py_ssize_t _regions_before_failure = -1
+
+
+def _fail_allocations_for_tests(bint fail, Py_ssize_t after=0):
+    """For tests: make workspace allocations fail (True) or work again (False).
+
+    With ``after`` = m the first m parallel regions of this module's kernels
+    (counted across calls, in program order) still allocate, so that a
+    kernel's later regions can be made to fail too.
+    """
+    global _regions_before_failure
+    _regions_before_failure = after if fail else -1
+
+
+cdef bint _refuse_workspaces():
+    """Whether the next parallel region's workspace allocations are to fail (the test switch)."""
+    global _regions_before_failure
+    if _regions_before_failure < 0:
+        return False
+    if _regions_before_failure == 0:
+        return True
+    _regions_before_failure -= 1
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +150,34 @@ cdef int _renormalise_tangents(Py_ssize_t samples, Py_ssize_t n, Py_ssize_t k, f
 # Lyapunov log growth
 # ---------------------------------------------------------------------------
 
+cdef void _lyapunov_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t n, Py_ssize_t k,
+                           int lwork, floating **ping, floating **pong,
+                           floating **derivative, floating **u_work, floating **mean_pre,
+                           floating **inv_pre, floating **inv_post, floating **tangents,
+                           floating **work, floating **work2, floating **tau,
+                           floating **lapack_work) noexcept nogil:
+    """lyapunov_log_growth's workspace for blocks of up to ``samples`` samples.
+
+    Two layer outputs in turn (ping, pong; a block starts from ping), a
+    layer's phi'(h), LN(x) for pre-norm (samples, n) and LN statistics
+    (samples,); the tangents (samples, k, n) and _jvp_layer's scratch work
+    and work2 of their size; ?geqrf's tau (k,) and LAPACK's lwork values.
+    """
+    cdef floating kind = 0
+    ping[0] = _piece(space, samples * n, kind)
+    pong[0] = _piece(space, samples * n, kind)
+    derivative[0] = _piece(space, samples * n, kind)
+    u_work[0] = _piece(space, samples * n, kind)
+    mean_pre[0] = _piece(space, samples, kind)
+    inv_pre[0] = _piece(space, samples, kind)
+    inv_post[0] = _piece(space, samples, kind)
+    tangents[0] = _piece(space, samples * k * n, kind)
+    work[0] = _piece(space, samples * k * n, kind)
+    work2[0] = _piece(space, samples * k * n, kind)
+    tau[0] = _piece(space, k, kind)
+    lapack_work[0] = _piece(space, lwork, kind)
+
+
 def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
                         const floating[:, ::1] x, int activation, bint has_residual, double residual,
                         int norm, double[:, ::1] log_growth, int[::1] status, Py_ssize_t n_blocks,
@@ -122,47 +186,58 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
 
     Tangents start as e_1..e_k (k = log_growth.shape[1]).  status (n_blocks,)
     receives LAPACK's info per block (0: success); the caller checks it.
+    Raises MemoryError when a thread's workspace cannot be allocated.
     """
     cdef Py_ssize_t depth = weights.shape[0], n = weights.shape[1], batch = x.shape[0]
     cdef Py_ssize_t k = log_growth.shape[1]
     cdef Py_ssize_t block, start, stop, samples, layer, s, i
     cdef Py_ssize_t max_samples = (batch + n_blocks - 1) // n_blocks
-    cdef Py_ssize_t plane = max_samples * n, tangent_plane = max_samples * k * n
     cdef floating probe = 0
     cdef int lwork = _qr_workspace(probe, <int> n, <int> k)
     cdef int info
     cdef floating res = <floating> residual
-    cdef floating *buffer = NULL
+    cdef floating *ping
+    cdef floating *pong
     cdef floating *current
     cdef floating *following
     cdef floating *swap
     cdef floating *derivative
     cdef floating *u_work
-    cdef floating *stats
+    cdef floating *mean_pre
+    cdef floating *inv_pre
+    cdef floating *inv_post
     cdef floating *tangents
-    cdef floating *scratch
+    cdef floating *work
+    cdef floating *work2
     cdef floating *tau
     cdef floating *lapack_work
-    # per thread: x, x' | phi'(h) | LN(x) | mean, inv_pre, inv_post | tangents | 2 JVP scratch | tau | LAPACK
-    cdef Py_ssize_t size = 4 * plane + 3 * max_samples + 3 * tangent_plane + k + lwork
+    cdef bint refuse
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef Workspace space = _measuring()
+    _lyapunov_pieces(&space, max_samples, n, k, lwork, &ping, &pong, &derivative, &u_work,
+                     &mean_pre, &inv_pre, &inv_post, &tangents, &work, &work2, &tau, &lapack_work)
+    cdef size_t size = space.used
+    refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
-        buffer = <floating *> malloc(size * sizeof(floating))
+        # assigned in the region, so each thread has its own (Cython makes them private)
+        ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = NULL
+        tangents = work = work2 = tau = lapack_work = NULL
+        space = _workspace_allocate(size, refuse)
+        if space.base == NULL:
+            failure[0] = 1
+        else:
+            _lyapunov_pieces(&space, max_samples, n, k, lwork, &ping, &pong, &derivative,
+                             &u_work, &mean_pre, &inv_pre, &inv_post, &tangents, &work, &work2, &tau,
+                             &lapack_work)
         for block in prange(n_blocks, schedule='static'):
+            if space.base == NULL:
+                continue
             start = _block_start(block, n_blocks, batch)
             stop = _block_start(block + 1, n_blocks, batch)
             samples = stop - start
-            if buffer == NULL:
-                status[block] = -1000  # out of memory: reported by the caller
-                continue
-            current = buffer
-            following = current + plane
-            derivative = following + plane
-            u_work = derivative + plane
-            stats = u_work + plane
-            tangents = stats + 3 * max_samples
-            scratch = tangents + tangent_plane
-            tau = scratch + 2 * tangent_plane
-            lapack_work = tau + k
+            current = ping
+            following = pong
             memcpy(current, &x[start, 0], samples * n * sizeof(floating))
             memset(tangents, 0, samples * k * n * sizeof(floating))
             for s in range(samples):
@@ -173,12 +248,10 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
             for layer in range(depth):
                 _forward_layer(samples, n, activation, has_residual, res, norm,
                                &weights[layer, 0, 0], &biases[layer, 0], current, following,
-                               derivative, u_work, stats, stats + max_samples,
-                               stats + 2 * max_samples)
+                               derivative, u_work, mean_pre, inv_pre, inv_post)
                 _jvp_layer(samples * k, n, k, has_residual, res, norm, &weights[layer, 0, 0],
-                           u_work if norm == NORM_PRE else current, following, derivative,
-                           stats + max_samples, stats + 2 * max_samples, tangents, scratch,
-                           scratch + tangent_plane)
+                           u_work if norm == NORM_PRE else current, following, derivative, inv_pre,
+                           inv_post, tangents, work, work2)
                 info = _renormalise_tangents(samples, n, k, tangents, tau, lapack_work, lwork,
                                              &log_growth[start, 0])
                 if info != 0:
@@ -187,4 +260,6 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
                 current = following
                 following = swap
             status[block] = info
-        free(buffer)
+        _workspace_free(&space)
+    if failed:
+        raise MemoryError(f"lyapunov_log_growth: could not allocate {size} bytes of workspace per thread")

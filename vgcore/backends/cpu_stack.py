@@ -146,8 +146,6 @@ def lyapunov_log_growth(problem, k: int) -> np.ndarray:
         _spectra.lyapunov_log_growth(stack.weights, stack.biases, x, *_layer_options(stack),
                                      log_growth, status, blocks, min(n_threads(), blocks))
     if status.any():
-        if (status == -1000).any():
-            raise MemoryError("lyapunov_exponents: could not allocate a thread's workspace")
         raise RuntimeError(f"lyapunov_exponents: LAPACK reported info {status[status != 0][0]}")
     return log_growth
 
