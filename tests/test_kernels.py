@@ -212,11 +212,12 @@ def test_failed_workspace_allocation_raises_memory_error(fail_allocations, kerne
 
 
 def test_workspace_beyond_the_address_space_raises_memory_error(tmp_path):
-    """A real malloc failure: a VJP whose per-thread workspace (~20 L B bytes) is far over the limit.
+    """A real malloc failure: a VJP whose per-thread workspace is far over the limit.
 
-    The child caps its address space a little above what it uses, so malloc
-    returns NULL for the 2.5 L B values each thread keeps, while the call's
-    own arrays (weights L, inputs and cotangents B values) are tiny.
+    The child caps its address space 2 GiB above what it uses, so malloc
+    returns NULL for the ~2.5 L B / P values each of the P work items keeps
+    (~80 GB with P = 256 partitions), while the call's own arrays (weights L,
+    inputs and cotangents B values: 8 MB each) are small.
     """
     import subprocess
     import sys
@@ -229,10 +230,11 @@ def test_workspace_beyond_the_address_space_raises_memory_error(tmp_path):
 import resource
 import numpy as np
 import vgcore as vg
-depth = batch = 20000
+depth = batch = 10**6
 stack = vg.Stack.random(depth, 1, seed=0)
 x = vg.random_inputs(stack, batch, seed=1)
-vg.vjp(stack, x[:2], np.ones((1, 1)), backend="cpu")  # threads and BLAS buffers in place
+small = vg.Stack.random(2, 1, seed=0)
+vg.vjp(small, x[:4], np.ones((1, 1)), backend="cpu")  # threads and BLAS buffers in place
 size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
 resource.setrlimit(resource.RLIMIT_AS, (size + 2**31, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:
