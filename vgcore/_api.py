@@ -174,7 +174,7 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
             raise ValueError(f"grad_output: expected shape {tuple(problem.x.shape)}, "
                              f"got {tuple(grad_output.shape)}")
     result = backend_module.gradient_profile(problem, grad_output, segment)
-    return Profile(chi_theory=stack.chi_theory, config=stack.config(), **result)
+    return Profile(chi_theory=stack.chi_theory_at(problem), config=stack.config(), **result)
 
 
 def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, out: Any, backend: Any,

@@ -73,6 +73,7 @@ class ModelKind(Protocol):
         The seed the parameters were drawn from, if any.
     chi_theory : float
         Mean-field theory's per-layer (per-step) gradient ratio; NaN where none applies.
+        A profile carries ``chi_theory_at(problem)``, which may depend on the call.
     """
 
     kind: str
@@ -89,6 +90,10 @@ class ModelKind(Protocol):
 
     def bind(self, x: Any, *, name: str = "x", **call: Any) -> Problem:
         """Validate ``x`` and the call's keywords (``steps``, ``inputs``, ``warmup``) into a Problem."""
+        ...
+
+    def chi_theory_at(self, problem: Problem) -> float:
+        """Theory's chi for one call (batch norm's depends on the batch size); usually chi_theory."""
         ...
 
 

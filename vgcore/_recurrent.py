@@ -396,6 +396,10 @@ class Recurrent:
             self._chi_theory = _theory_recurrent.model_chi(self)
         return self._chi_theory
 
+    def chi_theory_at(self, problem: Problem) -> float:
+        """Theory's chi for one call: :attr:`chi_theory` (it does not depend on the batch)."""
+        return self.chi_theory
+
     @property
     def lyapunov_theory(self) -> float:
         """Theory's largest Lyapunov exponent per step; NaN where none applies.

@@ -172,6 +172,7 @@ class Stack:
                     signs[signs == 0] = 1.0
                     drawn = sigma_w_value * q * signs[:, None, :]
                 weights[start:start + count] = drawn
+                del drawn  # else the next block is drawn while this one is still held
             if not np.isfinite(weights[start:start + count]).all():
                 raise ValueError(f"sigma_w: {sigma_w_value!r} gives weights beyond the largest "
                                  f"{dtype.name} ({np.finfo(dtype).max:.3g}); use a smaller sigma_w")
@@ -261,16 +262,35 @@ class Stack:
         """Mean-field chi_1 of this stack; NaN where theory here does not apply.
 
         Defined for random stacks without residual connections or layer norm.
+        For norm="batch" it is the large-batch limit of
+        :func:`vgcore.theory.batchnorm_chi`; a profile carries the value at its
+        batch size (:meth:`chi_theory_at`).
         """
         if self._chi_theory is None:
             self._chi_theory = float("nan")
-            if self._sigma_w is not None and self._residual is None and self._norm is None:
+            if self._norm == "batch":
+                self._chi_theory = self._batchnorm_chi(math.inf)
+            elif self._sigma_w is not None and self._residual is None and self._norm is None:
                 from vgcore import theory
 
                 low, high = theory.SIGMA_W_RANGE  # beyond it sigma**2 leaves the floats: no theory
                 if low <= self._sigma_w <= high and self._sigma_b <= theory.SIGMA_B_MAX:
                     self._chi_theory = float(theory.chi1(self._activation, self._sigma_w, self._sigma_b))
         return self._chi_theory
+
+    def _batchnorm_chi(self, batch: float) -> float:
+        """Mean-field chi of a random batch-norm stack without residual at this batch size; else NaN."""
+        if self._sigma_w is None or self._residual is not None:
+            return float("nan")
+        from vgcore import theory
+
+        return float(theory.batchnorm_chi(self._activation, batch))
+
+    def chi_theory_at(self, problem: Problem) -> float:
+        """Theory's chi for one call: :attr:`chi_theory`, at the call's batch size for norm="batch"."""
+        if self._norm == "batch":
+            return self._batchnorm_chi(problem.batch)
+        return self.chi_theory
 
     # -- the model-kind interface (vgcore._model.ModelKind) --------------------
     @property
