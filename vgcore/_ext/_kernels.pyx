@@ -56,6 +56,7 @@ from vgcore._ext._layers cimport (
     _measuring,
     _piece,
     _recompute_pre_norm,
+    _renormalise_rows,
     _vjp_layer,
     _workspace_allocate,
     _workspace_free,
@@ -133,30 +134,6 @@ def activation_values(int activation, floating[::1] h, floating[::1] value, floa
     if n > 0:
         memcpy(&value[0], &h[0], n * sizeof(floating))
         _activation_block(activation, n, 1, &value[0], &zero, &derivative[0])
-
-
-cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, double *log_scale,
-                                   double *log_norm_out, Py_ssize_t out_stride) noexcept nogil:
-    """Record log ||g_r|| + log_scale_r, then rescale g_r to unit norm and carry the factor.
-
-    A zero row records -inf and stays zero.
-    """
-    cdef Py_ssize_t r, i
-    cdef double total, norm_r
-    cdef floating inv
-    for r in range(rows):
-        total = 0
-        for i in range(n):
-            total = total + <double> g[r * n + i] * g[r * n + i]
-        norm_r = sqrt(total)
-        if norm_r > 0:
-            log_norm_out[r * out_stride] = log_scale[r] + log(norm_r)
-            inv = <floating> (1.0 / norm_r)
-            for i in range(n):
-                g[r * n + i] = g[r * n + i] * inv
-            log_scale[r] = log_scale[r] + log(norm_r)
-        else:
-            log_norm_out[r * out_stride] = -INFINITY
 
 
 cdef inline void _count_derivatives(Py_ssize_t rows, Py_ssize_t n, const floating *derivative,

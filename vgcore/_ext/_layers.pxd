@@ -9,7 +9,7 @@ math is written once.  Conventions are those of vgcore._kernels: C-contiguous
 """
 
 from cython cimport floating
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, M_LN2, fabs, frexp, ldexp, log, sqrt
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -231,6 +231,49 @@ cdef inline void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample
                 t[r * n + i] = derivative[s * n + i] * work2[r * n + i]
     if norm == NORM_POST:
         _layer_norm_product(rows, n, per_sample, t, out, inv_post)
+
+
+# ---------------------------------------------------------------------------
+# Renormalised cotangents
+# ---------------------------------------------------------------------------
+
+cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, double *log_scale,
+                                   double *log_norm_out, Py_ssize_t out_stride) noexcept nogil:
+    """Record log ||g_r|| + log_scale_r, then rescale g_r to unit norm and carry the factor.
+
+    The row is first scaled by the power of two 2**-e that brings its largest
+    entry into [0.5, 1) (exact), so the sum of squares neither underflows nor
+    overflows: the log norm is exact for any finite scale of g (a plain sum of
+    squares loses rows below 1e-154 or above 1e154 in float64).  A zero row
+    records -inf and stays zero.
+    """
+    cdef Py_ssize_t r, i
+    cdef double total, largest, magnitude, unit, unit_rest, inv, value, log_norm
+    cdef int exponent
+    for r in range(rows):
+        largest = 0
+        for i in range(n):
+            magnitude = fabs(<double> g[r * n + i])
+            if magnitude > largest:
+                largest = magnitude
+        if largest > 0:
+            frexp(largest, &exponent)
+            # 2**-e in one factor, or two when it exceeds the largest double (subnormal rows)
+            unit = ldexp(1.0, -exponent // 2 if exponent < -1000 else -exponent)
+            unit_rest = ldexp(1.0, -exponent - (-exponent // 2)) if exponent < -1000 else 1.0
+            total = 0
+            for i in range(n):
+                value = (<double> g[r * n + i] * unit) * unit_rest
+                g[r * n + i] = <floating> value
+                total = total + value * value
+            log_norm = exponent * M_LN2 + 0.5 * log(total)
+            log_norm_out[r * out_stride] = log_scale[r] + log_norm
+            inv = 1.0 / sqrt(total)
+            for i in range(n):
+                g[r * n + i] = <floating> (<double> g[r * n + i] * inv)
+            log_scale[r] = log_scale[r] + log_norm
+        else:
+            log_norm_out[r * out_stride] = -INFINITY
 
 
 # ---------------------------------------------------------------------------
