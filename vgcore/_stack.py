@@ -146,7 +146,8 @@ class Stack:
         # astype held twice the weights).  Consecutive draws continue one stream, so the values
         # are those of a single (L, n, n) draw.
         itemsize = dtype.itemsize
-        block = max(1, _DRAW_BLOCK_VALUES // (width * width))
+        # QR holds about three blocks at once (input, Q, R): a quarter of the block for it
+        block = max(1, (_DRAW_BLOCK_VALUES // (4 if init == "orthogonal" else 1)) // (width * width))
         check.check_memory(depth * width * (width + 1) * itemsize + min(block, depth) * width * width * 32,
                            "depth, width", f"a {depth} x {width} x {width} {dtype.name} stack's parameters")
         rng = np.random.default_rng(seed)
@@ -167,10 +168,15 @@ class Stack:
                         drawn *= 2.0
                 else:
                     # Haar measure: QR of a Gaussian matrix with R's diagonal made positive
+                    # (in place: multiplying by the signs +-1 first changes no value)
                     q, r = np.linalg.qr(rng.standard_normal((count, width, width)))
                     signs = np.sign(np.diagonal(r, axis1=1, axis2=2))
+                    del r
                     signs[signs == 0] = 1.0
-                    drawn = sigma_w_value * q * signs[:, None, :]
+                    q *= signs[:, None, :]
+                    q *= sigma_w_value
+                    drawn = q
+                    del q
                 weights[start:start + count] = drawn
                 del drawn  # else the next block is drawn while this one is still held
             if not np.isfinite(weights[start:start + count]).all():
