@@ -81,6 +81,22 @@ class Stack:
         self._chi_theory: float | None = None
 
     @classmethod
+    def from_torch(cls, module: Any) -> Stack:
+        """The parameters of a torch nn.Sequential of square Linear + activation (+ LayerNorm) blocks.
+
+        See :func:`vgcore._from_torch.stack_parameters` for what loads (exactly, float32 / float64);
+        anything else raises ValueError naming the module, TypeError for a non-Sequential.
+        """
+        from vgcore._from_torch import stack_parameters
+
+        weights, biases, activation, norm, device = stack_parameters(module)
+        if device == "cuda":
+            from vgcore._recurrent import _to_device
+
+            weights, biases = _to_device([weights, biases])
+        return cls(weights, biases, activation=activation, norm=norm)
+
+    @classmethod
     def random(cls, depth: int, width: int, *, activation: str = "tanh", init: str = "gaussian",
                sigma_w: float | str = 1.0, sigma_b: float = 0.0, residual: float | None = None,
                norm: str | None = None, dtype: Any = "float64", seed: int | None = None,
