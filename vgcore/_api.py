@@ -53,6 +53,24 @@ def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any, given
                            tuple(a for a in given if a is not None))
 
 
+def _no_nan(result: Any, stack: Any, what: str) -> Any:
+    """``result``, or a ValueError naming stack where the computation overflowed into NaN.
+
+    Finite inputs never give NaN (DESIGN.md, Errors): where values exceed the
+    dtype inside a computation (inf - inf, 0 * inf), the result is refused
+    rather than returned.  Overflow to +-inf without NaN is returned as is.
+    """
+    arrays = result if isinstance(result, tuple) else (result,)
+    for array in arrays:
+        if bool(check.array_namespace(array).isnan(array).any()):
+            dtype = np.dtype(stack.dtype)
+            raise ValueError(f"stack: {what} at these inputs x exceeds {dtype.name} (largest "
+                             f"{np.finfo(dtype).max:.3g}) and rounding made it NaN; use smaller weights or "
+                             "inputs, float64, or the log-space quantities (gradient_profile, "
+                             "lyapunov_exponents)")
+    return result
+
+
 def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps: int | None = None,
             inputs: Any = None):
     """The model's output for a batch of inputs: a stack's x_L.
@@ -77,11 +95,12 @@ def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     out = _out(out, tuple(problem.x.shape), problem, given=(x, inputs))
-    return backend_module.forward(problem, out)
+    return _no_nan(backend_module.forward(problem, out), stack, "the forward pass")
 
 
 def default_grad_output(stack: Any, batch: int):
@@ -161,7 +180,8 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     segment = _check_segment(segment, problem.depth)
@@ -174,6 +194,7 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
             raise ValueError(f"grad_output: expected shape {tuple(problem.x.shape)}, "
                              f"got {tuple(grad_output.shape)}")
     result = backend_module.gradient_profile(problem, grad_output, segment)
+    _no_nan((result["log_grad_norm"], result["log_weight_grad_norm"]), stack, "the gradient profile")
     return Profile(chi_theory=stack.chi_theory_at(problem), config=stack.config(), **result)
 
 
@@ -186,7 +207,7 @@ def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, ou
                                   dtype=stack.dtype, like=problem.x, device=stack.device)
     shape = (problem.batch, vectors.shape[-2], stack.state_width)
     out = _out(out, shape, problem, vectors, given=(x, call.get("inputs"), given_vectors))
-    return getattr(backend_module, kind)(problem, vectors, out)
+    return _no_nan(getattr(backend_module, kind)(problem, vectors, out), stack, f"the {kind}")
 
 
 def jvp(stack: Any, x: Any, tangents: Any, *, out: Any = None, backend: str = "auto",
@@ -213,7 +234,8 @@ def jvp(stack: Any, x: Any, tangents: Any, *, out: Any = None, backend: str = "a
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     return _jacobian_product("jvp", stack, x, tangents, "tangents", out, backend,
                              {"steps": steps, "inputs": inputs})
@@ -243,7 +265,8 @@ def vjp(stack: Any, x: Any, cotangents: Any, *, out: Any = None, backend: str = 
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     return _jacobian_product("vjp", stack, x, cotangents, "cotangents", out, backend,
                              {"steps": steps, "inputs": inputs})
@@ -271,12 +294,13 @@ def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", step
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     width = stack.state_width
     out = _out(out, (problem.batch, width, width), problem, given=(x, inputs))
-    return backend_module.jacobian(problem, out)
+    return _no_nan(backend_module.jacobian(problem, out), stack, "the Jacobian")
 
 
 def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | None = None,
@@ -311,7 +335,7 @@ def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | N
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     try:
-        return backend_module.singular_values(problem)
+        return _no_nan(backend_module.singular_values(problem), stack, "the singular values")
     except np.linalg.LinAlgError as error:  # LAPACK refuses a Jacobian that overflowed to inf / NaN
         raise ValueError(f"x: the Jacobian at these inputs is beyond {np.dtype(stack.dtype).name} "
                          f"(LAPACK: {error}); lyapunov_exponents gives its log growth rates") from None
@@ -371,10 +395,11 @@ def lyapunov_exponents(stack: Any, x: Any, k: int | None = None, *, backend: str
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work.
+        Naming the offending argument, before any work; ValueError naming
+        stack where the computation overflows the dtype into NaN (never returned).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs, warmup=warmup)
     k = _check_k(k, stack.state_width)
-    rates = backend_module.lyapunov_log_growth(problem, k) / problem.depth
+    rates = _no_nan(backend_module.lyapunov_log_growth(problem, k), stack, "the Lyapunov sum") / problem.depth
     xp = check.array_namespace(rates)
     return xp.ascontiguousarray(xp.sort(rates, axis=1)[:, ::-1])
