@@ -533,3 +533,35 @@ def _read_only(array):
         array = array.view()
         array.flags.writeable = False
     return array
+
+
+def sweep_model(config: dict, seed: int, batch: int, input_seed: int, device: str = "cpu"):
+    """(model, s0, call) of one recurrent sweep row (vgcore.sweep; DESIGN.md "Sweeps, added").
+
+    The grid's ``depth`` is the number of steps T and ``sigma_w`` the
+    recurrent gain; ``forget_bias`` applies to the gated cells (an rnn row
+    ignores it, as a dense row ignores every recurrent key).  The initial
+    state and, with ``input_width`` m >= 1, the inputs (B, T, m) are standard
+    normal, drawn in float64 from ``input_seed`` (state first).
+
+    Returns
+    -------
+    model : Recurrent
+    s0 : ndarray, shape (batch, state_width)
+    call : dict
+        ``steps`` and ``inputs`` for :meth:`Recurrent.bind`.
+    """
+    cell = config["cell"]
+    model = Recurrent.random(
+        config["width"], cell=cell, activation=config["activation"], input_width=config["input_width"],
+        init=config["init"], sigma_w=config["sigma_w"], sigma_u=config["sigma_u"], sigma_b=config["sigma_b"],
+        forget_bias=0.0 if cell == "rnn" else config["forget_bias"], dtype=config["dtype"], seed=seed,
+        device=device)
+    rng = np.random.default_rng(input_seed)
+    arrays = [rng.standard_normal((batch, model.state_width)).astype(model.dtype)]
+    if model.input_width:
+        arrays.append(rng.standard_normal((batch, config["depth"], model.input_width)).astype(model.dtype))
+    if device == "cuda":
+        arrays = _to_device(arrays)
+    inputs = arrays[1] if model.input_width else None
+    return model, arrays[0], {"steps": config["depth"], "inputs": inputs}

@@ -173,3 +173,14 @@ def model_chi(model: Any) -> float:
     if model.sigma_w == 0 and model.sigma_b == 0 and not driven:
         return math.exp(2.0 * gated_log_decay(model.cell, model.forget_bias))
     return math.nan
+
+
+def sweep_chi_theory(cell: str, activation: str, sigma_w: float, sigma_b: float, sigma_u: float,
+                     input_width: int, forget_bias: float) -> float:
+    """A recurrent sweep row's chi_theory: that of Recurrent.random with these options (:func:`model_chi`)."""
+    from types import SimpleNamespace
+
+    driven = input_width > 0
+    return model_chi(SimpleNamespace(cell=cell, activation=activation, sigma_w=sigma_w, sigma_b=sigma_b,
+                                     sigma_u=sigma_u if driven else None, input_width=input_width,
+                                     forget_bias=0.0 if cell == "rnn" else forget_bias))

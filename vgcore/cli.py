@@ -129,6 +129,11 @@ GRID_FLAGS = {
     "--residual": ("residual", "float_or_none", "branch scale(s) or none, e.g. none,1 (default none)"),
     "--norm": ("norm", "str_or_none", "layer norm: none, pre, post (default none)"),
     "--dtype": ("dtype", "str", "float64, float32 (default float64)"),
+    "--cell": ("cell", "str", "dense, rnn, lstm, gru (default dense; recurrent: --depth is the steps T, "
+                              "--sigma-w the gain)"),
+    "--forget-bias": ("forget_bias", "float", "lstm forget / gru update gate bias(es) (default 0)"),
+    "--sigma-u": ("sigma_u", "float", "recurrent input weight scale(s) (default 1)"),
+    "--input-width": ("input_width", "int", "recurrent input features m, 0 = autonomous (default 0)"),
 }
 
 
@@ -162,7 +167,7 @@ def _parser() -> _Parser:
     plot = commands.add_parser("plot", help="a PNG of a store: flow, phase or spectrum",
                                description="Draw a figure of a sweep store as a PNG of an exact pixel size.")
     plot.add_argument("store", metavar="STORE")
-    plot.add_argument("--kind", required=True, choices=["flow", "phase", "spectrum"])
+    plot.add_argument("--kind", required=True, choices=["flow", "phase", "spectrum", "time", "chaos"])
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
     plot.add_argument("--size", type=_size, metavar="WxH", help="pixels, e.g. 1200x900 (the default)")
     plot.add_argument("--width-px", type=int, metavar="W")

@@ -26,6 +26,17 @@ spectrum
     ``2 (m_l - m_{l+1})``, whose mean over layers is about ln chi, pooled
     over seeds and grouped by the most varying key.  The figure's title
     says which one it shows.
+time
+    Recurrent rows (cell rnn, lstm, gru): the mean log gradient norm
+    relative to the output's, ``log10 ||dL/ds_t|| / ||dL/ds_T||``, against
+    the time lag ``T - t``, one line per config, coloured by cell; the
+    dotted line at 1e-3 marks the vanishing horizon.
+chaos
+    Vanilla RNN rows (cell rnn): the largest Lyapunov exponent per step
+    against the gain sigma_w, recomputed on the fly from the rows' seeds
+    (:func:`vgcore.lyapunov_exponents`, k = 1, the row's depth in steps after
+    as many warm-up steps, up to 200), beside mean-field theory's curve
+    ``(1/2) ln chi_1`` (:func:`vgcore.theory.rnn_lyapunov_exponent`).
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ import numpy as np
 
 from vgcore.sweep import GRID_KEYS, SweepResult
 
-KINDS = ("flow", "phase", "spectrum")
+KINDS = ("flow", "phase", "spectrum", "time", "chaos")
+MAX_CHAOS_CONFIGS = 40
 DEFAULT_SIZE = (1200, 900)
 DEFAULT_DPI = 150
 MAX_PANELS = 12
@@ -289,8 +301,9 @@ def _singular_value_histogram(axes, frame, batch: int, singular_values) -> None:
         row = group.iloc[0]
         config = {key: (None if _missing(row[key]) else row[key]) for key in GRID_KEYS}
         config["depth"], config["width"] = int(config["depth"]), int(config["width"])
-        stack, x = _stack_and_inputs(config, int(row["seed"]), batch)
-        values = np.asarray(singular_values(stack, x), dtype=float).ravel()
+        built = _stack_and_inputs(config, int(row["seed"]), batch)  # (model, x[, call keywords])
+        values = np.asarray(singular_values(*built[:2], **(built[2] if len(built) > 2 else {})),
+                            dtype=float).ravel()
         values = np.log10(values[values > 0])
         axes.hist(values, bins=40, histtype="step", lw=1.4, label=label or f"seed {int(row['seed'])}")
     axes.set_xlabel("log10 singular value of the input-output Jacobian")
@@ -338,6 +351,87 @@ def _binned_groups(frame, key: str, count: int):
             for i in range(count) if (positions == i).any()]
 
 
+# --------------------------------------------------------------------------
+# time, chaos (recurrent rows)
+
+
+def _recurrent_rows(result: SweepResult, where: dict | None, cells: tuple[str, ...]):
+    frame = select(result, where)
+    if "cell" in frame:
+        frame = frame[frame["cell"].isin(cells)]
+    if len(frame) == 0:
+        raise ValueError(f"result: no rows of cell {' or '.join(cells)} to plot")
+    return frame
+
+
+def time_lag(result: SweepResult, *, width_px: int = DEFAULT_SIZE[0], height_px: int = DEFAULT_SIZE[1],
+             dpi: float = DEFAULT_DPI, where: dict | None = None):
+    """Gradient norm against time lag, one line per recurrent config, coloured by cell."""
+    import matplotlib as mpl
+
+    frame = _recurrent_rows(result, where, ("rnn", "lstm", "gru"))
+    figure, (axes,) = _figure(width_px, height_px, dpi)
+    cells = list(dict.fromkeys(frame["cell"]))
+    configs = _groups(frame, _varying(frame))
+    for _, group in configs:
+        mean = np.mean(np.stack([np.asarray(curve, dtype=float) for curve in group["log_grad_norm"]]), axis=0)
+        relative = (mean - mean[-1])[::-1] / math.log(10)  # index: lag T - t
+        colour = mpl.colormaps["tab10"](cells.index(group["cell"].iloc[0]) % 10)
+        axes.plot(np.arange(relative.size), relative, color=colour, lw=1.2, alpha=0.85)
+    axes.axhline(-3, color="grey", lw=0.8, ls=":")
+    handles = [mpl.lines.Line2D([], [], color=mpl.colormaps["tab10"](i % 10), label=cell)
+               for i, cell in enumerate(cells)]
+    axes.legend(handles=handles, fontsize="small")
+    axes.set_xlabel("time lag T - t (steps)")
+    axes.set_ylabel("log10 ||dL/ds_t|| / ||dL/ds_T||")
+    axes.set_title(f"Gradients through time, {len(configs)} configs\n{_constants(frame)}", fontsize="medium")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def chaos(result: SweepResult, *, width_px: int = DEFAULT_SIZE[0], height_px: int = DEFAULT_SIZE[1],
+          dpi: float = DEFAULT_DPI, where: dict | None = None):
+    """Largest Lyapunov exponent of the vanilla RNN rows against sigma_w, beside mean-field theory."""
+    import vgcore
+    from vgcore.sweep import _stack_and_inputs
+
+    frame = _recurrent_rows(result, where, ("rnn",))
+    figure, (axes,) = _figure(width_px, height_px, dpi)
+    configs = _groups(frame, _varying(frame))
+    picks = np.unique(np.linspace(0, len(configs) - 1, min(len(configs), MAX_CHAOS_CONFIGS)).round())
+    points: dict[tuple, list] = {}
+    for index in picks.astype(int):
+        row = configs[index][1].iloc[0]
+        config = {key: (None if _missing(row[key]) else row[key]) for key in GRID_KEYS}
+        config["depth"], config["width"] = int(config["depth"]), int(config["width"])
+        config["input_width"] = int(config["input_width"])
+        warmup = min(config["depth"], 200)
+        config["depth"] += warmup  # the inputs cover the warm-up steps too
+        model, s0, call = _stack_and_inputs(config, int(row["seed"]), min(result.batch, 4))
+        exponents = vgcore.lyapunov_exponents(model, s0, 1, steps=config["depth"] - warmup,
+                                              inputs=call["inputs"], warmup=warmup)
+        key = (config["activation"], float(config["sigma_b"]),
+               float(config["sigma_u"]) if config["input_width"] else 0.0)
+        points.setdefault(key, []).append((float(row["sigma_w"]), float(np.mean(np.asarray(exponents)))))
+    for number, ((activation, sigma_b, sigma_u), pairs) in enumerate(sorted(points.items())):
+        gains, values = np.array(sorted(pairs)).T
+        colour = f"C{number % 10}"
+        fine = np.linspace(gains.min(), gains.max(), 200)
+        theory = [vgcore.theory.rnn_lyapunov_exponent(activation, g, sigma_b, sigma_u) if g > 0 else np.nan
+                  for g in fine]
+        label = f"{activation}, sigma_b {sigma_b:g}" + (f", sigma_u {sigma_u:g}" if sigma_u else "")
+        axes.plot(fine, theory, color=colour, lw=1.2, label=f"{label}: mean-field (1/2) ln chi_1")
+        axes.plot(gains, values, "o", color=colour, ms=4, label=f"{label}: measured")
+    axes.axhline(0, color="grey", lw=0.8)
+    axes.set_xlabel("recurrent gain g (sigma_w)")
+    axes.set_ylabel("largest Lyapunov exponent per step")
+    axes.set_title(f"Vanilla RNN: order and chaos, {len(picks)} configs (computed on the fly)\n"
+                   f"{_constants(frame)}", fontsize="medium")
+    axes.legend(fontsize="x-small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -346,10 +440,11 @@ def _missing(value: Any) -> bool:
 
 
 def figure(result: SweepResult, kind: str, **options):
-    """The figure of ``kind`` ("flow", "phase" or "spectrum") for ``result``."""
+    """The figure of ``kind`` (one of :data:`KINDS`) for ``result``."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    return {"flow": flow, "phase": phase, "spectrum": spectrum}[kind](result, **options)
+    return {"flow": flow, "phase": phase, "spectrum": spectrum, "time": time_lag,
+            "chaos": chaos}[kind](result, **options)
 
 
 def save(result: SweepResult, path, kind: str, *, width_px: int = DEFAULT_SIZE[0],
