@@ -202,3 +202,64 @@ def test_the_installed_package_carries_the_cuda_sources():
         pytest.skip("running from a development checkout, which reads csrc/ directly")
     for name in ("vg_activations.h", "vg_activation_body.h", "vg_stack.h", "vg_cuda_kernels.cu"):
         assert (package / "_csrc" / name).is_file(), name
+
+
+# ---------------------------------------------------------------------------
+# The recurrent models' kernels: csrc/vg_cuda_recurrent.cu, launched by vgcore/backends/cuda_recurrent.py
+# ---------------------------------------------------------------------------
+
+RECURRENT_MODULE = ROOT / "vgcore" / "backends" / "cuda_recurrent.py"
+
+
+def recurrent_constants() -> dict:
+    """The capitalised literal assignments of vgcore/backends/cuda_recurrent.py."""
+    constants = {}
+    for node in ast.parse(RECURRENT_MODULE.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id.isupper():
+                try:
+                    constants[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    return constants
+
+
+RECURRENT = recurrent_constants()
+
+
+def test_recurrent_kernel_lists_match_the_kernel_file():
+    source = (CSRC / RECURRENT["KERNEL_FILE"]).read_text()
+    assert set(re.findall(r"template <typename T>\s*__global__ void (\w+)\(", source)) == \
+        set(RECURRENT["TEMPLATE_KERNELS"])
+    assert set(re.findall(r'extern "C" __global__ void (\w+)\(', source)) == set(RECURRENT["PLAIN_KERNELS"])
+    reached, pending = set(), re.findall(r'#include "([^"]+)"', source)
+    while pending:
+        header = pending.pop()
+        if header not in reached:
+            reached.add(header)
+            pending += re.findall(r'#include "([^"]+)"', (CSRC / header).read_text())
+    assert reached == set(RECURRENT["KERNEL_HEADERS"])
+    assert "#include <" not in source
+    assert RECURRENT["NVRTC_OPTIONS"] == CONSTANTS["NVRTC_OPTIONS"]
+
+
+@requires_nvcc
+def test_every_recurrent_kernel_compiles_in_both_types(tmp_path):
+    kernels = [f"(void *)&{name}<{ctype}>" for name in RECURRENT["TEMPLATE_KERNELS"]
+               for ctype in RECURRENT["KERNEL_TYPES"].values()]
+    source = (f'#include "{RECURRENT["KERNEL_FILE"]}"\n'
+              "void *vg_every_recurrent_kernel[] = {\n    " + ",\n    ".join(kernels) + "\n};\n")
+    nvcc_compile(tmp_path, "every_recurrent_kernel.cu", source)
+
+
+def test_recurrent_kernel_file_compiles_with_nvrtc_as_cupy_builds_it():
+    library = find_nvrtc()
+    if library is None:
+        pytest.skip("libnvrtc not found (install nvidia-cuda-nvrtc or set VGCORE_NVRTC)")
+    names = [f"{name}<{ctype}>" for name in RECURRENT["TEMPLATE_KERNELS"]
+             for ctype in RECURRENT["KERNEL_TYPES"].values()]
+    options = [f"-I{CSRC}", *RECURRENT["NVRTC_OPTIONS"]]
+    source = (CSRC / RECURRENT["KERNEL_FILE"]).read_text()
+    status, log, lowered = nvrtc_compile(library, source, options, names)
+    assert status == 0, f"NVRTC failed:\n{log}"
+    assert set(lowered) == set(names)

@@ -38,6 +38,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("stack", "numpy"): "vgcore.backends.reference_stack",
     ("stack", "cuda"): "vgcore.backends.cuda_stack",
     ("recurrent", "cpu"): "vgcore.backends.cpu_recurrent",
+    ("recurrent", "cuda"): "vgcore.backends.cuda_recurrent",
     ("recurrent", "numpy"): "vgcore.backends.reference_recurrent",
     ("batchnorm", "cpu"): "vgcore.backends.cpu_batchnorm",
     ("batchnorm", "numpy"): "vgcore.backends.reference_batchnorm",
