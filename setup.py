@@ -104,7 +104,7 @@ def _extension(name: str) -> Extension:
 
 
 #: The compiled tier (vgcore/_ext); a new kernel module is one more name here.
-EXTENSION_MODULES = ["_kernels", "_spectra", "_recurrent", "_batchnorm"]
+EXTENSION_MODULES = ["_kernels", "_spectra", "_sweep", "_recurrent", "_batchnorm"]
 extensions = [_extension(name) for name in EXTENSION_MODULES]
 
 setup(

@@ -107,8 +107,9 @@ def test_sweep_without_out_prints_csv(capsys):
                      "none,0.5", "--norm", "none,pre", "--batch", "2", "--no-progress"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split(",") == ["depth", "width", "activation", "init", "sigma_w", "sigma_b", "residual",
-                                   "norm", "dtype", "seed", "chi", "depth_scale", "vanishing_depth",
-                                   "imbalance", "r2", "chi_theory"]
+                                   "norm", "dtype", "cell", "forget_bias", "sigma_u", "input_width", "seed",
+                                   "chi", "depth_scale", "vanishing_depth", "imbalance", "r2", "chi_theory",
+                                   "log_global_norm"]
     assert len(lines) == 1 + 2 * 2 * 2
     assert float(lines[1].split(",")[4]) == pytest.approx(np.sqrt(2))
 

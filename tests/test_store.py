@@ -159,11 +159,11 @@ def test_interrupted_at_any_chunk_resumes_to_the_same_frame(tmp_path_factory, re
     calls = []
     original = sweep_module.run_chunk
 
-    def failing(tasks, batch, backend):
+    def failing(tasks, *arguments):
         calls.append(len(tasks))
         if len(calls) == failing_chunk + 1:
             raise _Interrupted
-        return original(tasks, batch, backend)
+        return original(tasks, *arguments)
 
     sweep_module.run_chunk = failing
     try:

@@ -247,8 +247,8 @@ def _sweep(arguments: argparse.Namespace) -> int:
         raise _UsageError(f"{PROG} sweep: error: out of memory; use a smaller --batch, --depth, --width "
                           "or --chunk-size") from None
     rate = result.computed / result.seconds if result.seconds > 0 else math.inf
-    print(f"{PROG} sweep: {len(result.frame)} rows ({result.computed} computed now, "
-          f"{len(result.frame) - result.computed} from the store) in {result.seconds:.1f} s, "
+    print(f"{PROG} sweep: {len(result)} rows ({result.computed} computed now, "  # len: no pandas needed
+          f"{len(result) - result.computed} from the store) in {result.seconds:.1f} s, "
           f"{rate:.1f} configs/s" + (f" -> {arguments.out}" if arguments.out else ""), file=sys.stderr)
     if arguments.out is None:
         columns = [c for c in COLUMNS if c != "log_grad_norm"]

@@ -188,8 +188,7 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
         alive = np.zeros((len(chunk), depth, width), np.uint8)
         with blas_held_to_one_thread():
             _kernels.gradient_profiles(
-                np.array([stack.weights.ctypes.data for stack in chunk], np.intp),
-                np.array([stack.biases.ctypes.data for stack in chunk], np.intp),
+                [stack.weights for stack in chunk], [stack.biases for stack in chunk],
                 x, g,
                 np.array([o[0] for o in options], np.intc),
                 np.array([o[1] for o in options], np.uint8),
