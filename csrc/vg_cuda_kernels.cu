@@ -260,8 +260,8 @@ __global__ void vg_jvp_epilogue(int rows, int n, int per_sample, int has_residua
 /* Per-layer renormalisation of the cotangents g (rows, n): records
    log_norm[r * stride] = log_scale[r] + log ||g_r|| (-inf for a zero row), then
    rescales g_r to unit norm and adds the log of the factor to log_scale[r].
-   When u is not NULL, also u_squared_norm[r] = ||u_r||^2 (the next layer's linear
-   input, whose largest row scales the weight-gradient operands). */
+   When u is not NULL, also u_squared_norm[r] = max_i |u_ri| (despite its name: the
+   next layer's linear input, whose largest entry scales the weight-gradient operands). */
 template <typename T>
 __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, double *log_norm,
                                     int stride, const T *u, double *u_squared_norm)
@@ -295,13 +295,15 @@ __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, do
             gr[i] = (T)((((double)gr[i] * unit) * unit_rest) * inv);
     }
     if (u != nullptr) {
+        /* the largest |u| of the row (not its squared norm, which is 0 for rows below
+           1e-154 and made the weight-gradient norm -inf there): a scale for u */
         const T *ur = u + row * n;
-        double u_total = 0;
+        double u_largest = 0;
         for (int i = threadIdx.x; i < n; i += blockDim.x)
-            u_total += (double)ur[i] * ur[i];
-        u_total = vg_block_sum(u_total, scratch);
+            u_largest = fmax(u_largest, fabs((double)ur[i]));
+        u_largest = vg_block_max(u_largest, scratch);
         if (threadIdx.x == 0)
-            u_squared_norm[row] = u_total;
+            u_squared_norm[row] = u_largest;
     }
     if (threadIdx.x == 0) {
         if (norm > 0) {
@@ -314,7 +316,7 @@ __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, do
 }
 
 /* One block: the sample weights w_b = exp(s_b - max s) of a layer's weight gradient,
-   stats[0] = max s and stats[1] = u_scale, the largest row norm of the layer's linear
+   stats[0] = max s and stats[1] = u_scale, the largest |entry| of the layer's linear
    input (1 when every row is zero). */
 extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale,
                                              const double *u_squared_norm, double *weights,
@@ -331,7 +333,7 @@ extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale,
     for (int b = threadIdx.x; b < batch; b += blockDim.x)
         weights[b] = exp(log_scale[b] - top);
     if (threadIdx.x == 0) {
-        const double u_scale = sqrt(largest);
+        const double u_scale = largest;  /* u_squared_norm holds each row's largest |u| */
         stats[0] = top;
         stats[1] = u_scale > 0 ? u_scale : 1.0;
     }
