@@ -637,7 +637,7 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
                                &log_weight_grad_norm[first], n_threads, "gradient_profile_segmented")
 
 
-def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[::1] bias_addresses,
+def gradient_profiles(list weights, list biases,
                       const floating[:, :, ::1] x, const floating[:, :, ::1] grad_output,
                       const int[::1] activations, const unsigned char[::1] has_residual,
                       const double[::1] residuals, const int[::1] norms, Py_ssize_t depth,
@@ -646,11 +646,20 @@ def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[:
     """Gradient profiles of C stacks of one shape, one stack per thread at a time.
 
     The sweep's chunk runner: no Python work per stack.  Stack c has weights
-    (L, n, n) and biases (L, n) at the given addresses (C-contiguous, the
-    dtype of x; the caller keeps them alive), inputs x[c] and cotangents
-    grad_output[c] (B, n), its own activation, residual and norm.  Outputs:
-    log_grad_norm (C, B, L+1), log_weight_grad_norm (C, L), saturated (C, L)
-    counts and alive (C, L, n) flags (zeroed by the caller).
+    weights[c] (L, n, n) and biases biases[c] (L, n): C-contiguous arrays of
+    the dtype of x, whose buffers this call holds (through typed views) until
+    it returns; inputs x[c] and cotangents grad_output[c] (B, n), its own
+    activation, residual and norm.  Outputs: log_grad_norm (C, B, L+1),
+    log_weight_grad_norm (C, L), saturated (C, L) counts and alive (C, L, n)
+    flags (zeroed by the caller).
+
+    Raises
+    ------
+    ValueError
+        A weight or bias array of another shape or dtype than the call's (a
+        caller's bug: nothing is computed).
+    MemoryError
+        A thread's workspace could not be allocated (nothing is computed).
     """
     cdef Py_ssize_t n_stacks = x.shape[0], batch = x.shape[1], n = x.shape[2]
     cdef Py_ssize_t plane = batch * n, c, layer
@@ -662,31 +671,77 @@ def gradient_profiles(const Py_ssize_t[::1] weight_addresses, const Py_ssize_t[:
     cdef floating *derivatives
     cdef floating *stats
     cdef floating *scratch
-    cdef const floating *weights
-    with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_stacks))):
-        buffer = <floating *> malloc(values * sizeof(floating))
-        scales = <double *> malloc((depth * batch + batch) * sizeof(double))
-        for c in prange(n_stacks, schedule='dynamic'):
-            # buffer: xs (L+1, B, n) | derivatives (L, B, n) | mean, inv_pre, inv_post (L, B) | scratch
-            xs = buffer
-            derivatives = xs + (depth + 1) * plane
-            stats = derivatives + depth * plane
-            scratch = stats + 3 * depth * batch
-            weights = <const floating *> <size_t> weight_addresses[c]
-            _profile_block(depth, n, batch, 0, batch, activations[c], has_residual[c],
-                           <floating> residuals[c], norms[c], weights,
-                           <const floating *> <size_t> bias_addresses[c], &x[c, 0, 0],
-                           &grad_output[c, 0, 0], xs, derivatives, stats, stats + depth * batch,
-                           stats + 2 * depth * batch, scales, &log_grad_norm[c, 0, 0],
-                           &saturated[c, 0], &alive[c, 0, 0], scratch,
-                           scratch + batch * n, scratch + 2 * batch * n, scales + depth * batch)
-            for layer in range(depth):
-                log_weight_grad_norm[c, layer] = _weight_gradient_norm(
-                    batch, n, norms[c], derivatives + layer * plane, xs + layer * plane,
-                    stats + layer * batch, stats + (depth + layer) * batch, scales + layer * batch,
-                    scratch)
-        free(buffer)
-        free(scales)
+    cdef const floating[:, :, ::1] weight_view
+    cdef const floating[:, ::1] bias_view
+    cdef const floating **weight_pointers = NULL
+    cdef const floating **bias_pointers = NULL
+    cdef int failed = 0
+    cdef int *failure = &failed
+    cdef bint refuse
+    cdef Workspace space = _measuring()
+    _piece(&space, values, <floating> 0)
+    _piece(&space, depth * batch + batch, <double> 0)
+    cdef size_t size = space.used
+    if len(weights) != n_stacks or len(biases) != n_stacks:
+        raise ValueError(f"gradient_profiles: {n_stacks} inputs but {len(weights)} weight and "
+                         f"{len(biases)} bias arrays")
+    if n_stacks == 0:
+        return
+    # typed views check each array's dtype, layout and shape; the list keeps them (and so the
+    # buffers) alive while the kernel reads through the pointers
+    views = []
+    weight_pointers = <const floating **> malloc(n_stacks * sizeof(floating *))
+    bias_pointers = <const floating **> malloc(n_stacks * sizeof(floating *))
+    try:
+        if weight_pointers == NULL or bias_pointers == NULL:
+            raise MemoryError("gradient_profiles: could not allocate the table of stacks")
+        for c in range(n_stacks):
+            weight_view = weights[c]
+            bias_view = biases[c]
+            if (weight_view.shape[0] != depth or weight_view.shape[1] != n or weight_view.shape[2] != n
+                    or bias_view.shape[0] != depth or bias_view.shape[1] != n):
+                raise ValueError(f"gradient_profiles: stack {c} has weights {tuple(weight_view.shape)[:3]} "
+                                 f"and biases {tuple(bias_view.shape)[:2]}, expected ({depth}, {n}, {n}) "
+                                 f"and ({depth}, {n})")
+            views.append((weight_view, bias_view))
+            weight_pointers[c] = &weight_view[0, 0, 0]
+            bias_pointers[c] = &bias_view[0, 0]
+        refuse = _refuse_workspaces()
+        with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_stacks))):
+            # assigned in the region, so each thread has its own (Cython makes them private)
+            buffer = NULL
+            scales = NULL
+            space = _workspace_allocate(size, refuse)
+            if space.base == NULL:
+                failure[0] = 1
+            else:
+                buffer = _piece(&space, values, <floating> 0)
+                scales = _piece(&space, depth * batch + batch, <double> 0)
+            for c in prange(n_stacks, schedule='dynamic'):
+                if space.base == NULL:
+                    continue
+                # buffer: xs (L+1, B, n) | derivatives (L, B, n) | mean, inv_pre, inv_post (L, B) | scratch
+                xs = buffer
+                derivatives = xs + (depth + 1) * plane
+                stats = derivatives + depth * plane
+                scratch = stats + 3 * depth * batch
+                _profile_block(depth, n, batch, 0, batch, activations[c], has_residual[c],
+                               <floating> residuals[c], norms[c], weight_pointers[c], bias_pointers[c],
+                               &x[c, 0, 0], &grad_output[c, 0, 0], xs, derivatives, stats,
+                               stats + depth * batch, stats + 2 * depth * batch, scales,
+                               &log_grad_norm[c, 0, 0], &saturated[c, 0], &alive[c, 0, 0], scratch,
+                               scratch + batch * n, scratch + 2 * batch * n, scales + depth * batch)
+                for layer in range(depth):
+                    log_weight_grad_norm[c, layer] = _weight_gradient_norm(
+                        batch, n, norms[c], derivatives + layer * plane, xs + layer * plane,
+                        stats + layer * batch, stats + (depth + layer) * batch, scales + layer * batch,
+                        scratch)
+            _workspace_free(&space)
+    finally:
+        free(weight_pointers)
+        free(bias_pointers)
+    if failed:
+        raise _workspace_error("gradient_profiles", size)
 
 
 # ---------------------------------------------------------------------------
