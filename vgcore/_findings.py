@@ -201,6 +201,20 @@ class GradientHistory:
         self._steps.append(int(step))
         self._frame = None
 
+    def last(self) -> dict[str, float]:
+        """The last recorded step as ``{layer: norm, ..., "total": norm}`` (cheap: no DataFrame).
+
+        Raises
+        ------
+        RuntimeError
+            No step has been recorded.
+        """
+        self._require_rows()
+        row = self._rows[-1]
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(np.sqrt(np.square(row[~self._frozen_rows[-1]]).sum()))
+        return {**dict(zip(self.layer_names, row.tolist(), strict=True)), TOTAL: total}
+
     def __len__(self) -> int:
         return len(self._rows)
 

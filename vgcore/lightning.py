@@ -165,7 +165,7 @@ class GradientMonitorCallback(pl.Callback):
         if monitor.steps % self.every == 0:
             recorded = monitor.recorded
             if len(recorded):
-                row = recorded.history.iloc[-1]
+                row = recorded.last()
                 metrics = {f"{self.prefix}{name}": float(value) for name, value in row.items()
                            if not math.isnan(value)}
                 _log_metrics(trainer, metrics)

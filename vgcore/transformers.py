@@ -193,7 +193,7 @@ class GradientMonitorCallback(TrainerCallback):
         recorded = self.monitor.recorded
         if _is_training_log(logs) and len(recorded) > self._logged_rows:
             self._logged_rows = len(recorded)
-            row = recorded.history.iloc[-1]
+            row = recorded.last()
             metrics.update(
                 {f"{self.prefix}{name}": float(value) for name, value in row.items() if not math.isnan(value)}
             )
