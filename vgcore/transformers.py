@@ -127,10 +127,10 @@ class GradientMonitorCallback(TrainerCallback):
         _move_before_reporters(self, sys._getframe(1))
         if model is None:
             raise RuntimeError("GradientMonitorCallback: the Trainer passed no model to on_train_begin")
-        if self.monitor is not None and self.monitor.model is model:
+        if self.monitor is not None and self.monitor.model is model and not self.monitor.closed:
             return
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.close()  # a new train() call after the last one ended: a fresh history
         max_norm = self.max_norm
         if max_norm is None and args.max_grad_norm is not None and args.max_grad_norm > 0:
             max_norm = float(args.max_grad_norm)

@@ -568,6 +568,11 @@ class GradientMonitor:
     # -- lifetime ---------------------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called (no more steps; the history stays readable)."""
+        return self._closed
+
+    @property
     def num_hooks(self) -> int:
         """Hooks this monitor holds (0 after :meth:`close`)."""
         return len(self._handles)
