@@ -368,6 +368,10 @@ def torch_runner(problem: Problem, threads: int) -> tuple[Callable[[], Any], str
 # JAX
 # ---------------------------------------------------------------------------
 
+#: JAX's CPU backend runs on XLA's own thread pool, sized at start-up: --threads does not hold it.
+XLA_THREADS = "XLA's own CPU threads"
+
+
 @functools.cache
 def jax_status() -> tuple[bool, str]:
     """(whether JAX imports here, why not); imports it on the first call."""
@@ -465,7 +469,7 @@ def jax_runner(problem: Problem) -> tuple[Callable[[], Any], str]:
 
         jacobians = jax.jit(jax.vmap(jax.jacrev(forward)))
         x = jnp.asarray(problem.xs[0])
-        return lambda: jacobians(x).block_until_ready(), "jax.jit(vmap(jacrev)), float64"
+        return lambda: jacobians(x).block_until_ready(), f"jax.jit(vmap(jacrev)), float64, {XLA_THREADS}"
     profile = jax_profile_function(job.activation, job.norm)
     weights = stacked([np.asarray(stack.weights) for stack in problem.models])
     biases = stacked([np.asarray(stack.biases) for stack in problem.models])
@@ -477,7 +481,7 @@ def jax_runner(problem: Problem) -> tuple[Callable[[], Any], str]:
         log_grad_norm, log_weight_grad_norm = result
         return {"log_grad_norm": log_grad_norm, "log_weight_grad_norm": log_weight_grad_norm}
 
-    return run, f"jax.jit(vmap(profile)) over {len(problem.models)} config(s), float64"
+    return run, f"jax.jit(vmap(profile)) over {len(problem.models)} config(s), float64, {XLA_THREADS}"
 
 
 # ---------------------------------------------------------------------------

@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
                         help="timed runs per backend, instead of the budget's count")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="hold vgcore's OpenMP threads, BLAS and PyTorch to N threads (default: all)")
+                        help="hold vgcore's OpenMP threads, BLAS and PyTorch to N threads (default: all; "
+                             "JAX keeps XLA's own pool)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
