@@ -1,4 +1,4 @@
-"""The batch-norm CUDA kernels (csrc/vg_batchnorm_kernels.cu) build without a GPU, as tests/test_cuda_build.py.
+"""The batch-norm CUDA kernels (csrc/vg_batchnorm_kernels.cu) build without a GPU, as in test_cuda_build.py.
 
 nvcc compiles the file as is and with every kernel vgcore/backends/cuda_batchnorm.py
 launches instantiated in both types; NVRTC compiles it exactly as CuPy's

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vgcore import _reference_batchnorm as ref
+import vgcore as vg
 from vgcore._activations import activation
 from vgcore._theory_batchnorm import batchnorm_chi
 
@@ -79,12 +79,14 @@ def test_bad_activation_is_refused_naming_it():
 
 
 def _measured_chi(name: str, batch: int, width: int = 512, depth: int = 40, seed: int = 0) -> float:
-    """Per-layer ratio of squared gradient norms of a wide BN stack, fitted over its middle layers."""
-    rng = np.random.default_rng(seed)
-    weights = rng.standard_normal((depth, width, width)) * math.sqrt(2.0 / width)
-    x, g = rng.standard_normal((2, batch, width))
-    profile = ref.gradient_profile(weights, np.zeros((depth, width)), x, g, name, None)
-    mean_log = profile["log_grad_norm"].mean(axis=0)
+    """Per-layer ratio of squared gradient norms of a wide BN stack, fitted over its middle layers.
+
+    The compiled backend (held to the reference in test_batchnorm_backends.py), for speed.
+    """
+    stack = vg.Stack.random(depth, width, activation=name, sigma_w=math.sqrt(2.0), norm="batch", seed=seed)
+    x = vg.random_inputs(stack, batch, seed=seed + 1)
+    profile = vg.gradient_profile(stack, x, backend="cpu")
+    mean_log = profile.log_grad_norm.mean(axis=0)
     layers = np.arange(depth // 5, depth - depth // 5 + 1)
     slope = np.polyfit(layers, mean_log[layers], 1)[0]
     return math.exp(-2.0 * slope)

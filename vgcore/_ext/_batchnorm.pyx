@@ -272,7 +272,7 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
                      double[::1] sums, double[:, ::1] squares, const floating[::1] zeros,
                      floating[:, ::1] scratch, double[:, ::1] log_grad_norm,
                      double[::1] log_weight_grad_norm, long long[:, ::1] saturated,
-                     unsigned char[:, ::1] alive, Py_ssize_t n_blocks, int n_threads):
+                     unsigned char[:, ::1] alive, Py_ssize_t n_blocks, int n_threads, int gradient_threads):
     """Forward, batch-renormalised backward and weight-gradient norms of one batch-normalised stack.
 
     Workspaces (allocated by the caller): xs (L+1, B, n) layer inputs,
@@ -281,7 +281,9 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
     squares (n_blocks, B), zeros (n,) zeros, scratch (threads,
     weight_gradient_scratch(B, n)).  Outputs: log_grad_norm (B, L+1),
     log_weight_grad_norm (L,), saturated (L, n_blocks) counts and alive (L, n)
-    flags (zeroed by the caller).
+    flags (zeroed by the caller).  The layers run their feature blocks on
+    n_threads threads (which meet once or twice per layer), the weight-gradient
+    norms on gradient_threads (at most scratch.shape[0]), in parallel over layers.
 
     The batch cotangent is renormalised by one factor per layer, its
     Frobenius norm (the layer's backward map is linear in the whole batch
@@ -364,7 +366,7 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
             g = g_in
             g_in = swap
 
-        threads = <int> min(<Py_ssize_t> n_threads, depth)
+        threads = <int> min(<Py_ssize_t> gradient_threads, depth)
         for layer in prange(depth, schedule='dynamic', num_threads=threads):
             log_weight_grad_norm[layer] = layer_log_scale[layer] + _weight_gradient_log_norm(
                 batch, n, &derivatives[layer, 0, 0], &xs[layer, 0, 0],
@@ -415,7 +417,7 @@ def jacobian_products(const floating[:, :, ::1] weights, const floating[:, ::1] 
                       bint transpose, floating[:, :, ::1] vectors, floating[:, :, ::1] zs,
                       floating[:, :, ::1] derivatives, floating[:, ::1] inv_std, floating[:, :, ::1] planes,
                       double[::1] sums, const floating[::1] zeros, floating[:, ::1] local,
-                      double[:, ::1] local_sums, Py_ssize_t n_blocks, int n_threads):
+                      double[:, ::1] local_sums, Py_ssize_t n_blocks, int forward_threads, int n_threads):
     """In place on vectors (B, k, n): J T_j (transpose False) or J^T U_j (True) for T_j = vectors[:, j, :].
 
     J is the Jacobian of the whole batch map.  The forward pass runs once,
@@ -435,7 +437,7 @@ def jacobian_products(const floating[:, :, ::1] weights, const floating[:, ::1] 
     cdef floating *other
     cdef const floating *d
     _forward_keeping(weights, biases, x, activation, has_residual, res, zs, derivatives, inv_std, planes,
-                     sums, zeros, n_blocks, n_threads)
+                     sums, zeros, n_blocks, forward_threads)
     with nogil:
         for item in prange(n_items, schedule='static', num_threads=n_threads):
             v0 = _block_start(item, n_items, k)

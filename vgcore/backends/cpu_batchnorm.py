@@ -25,8 +25,27 @@ def _layer_options(stack) -> tuple[int, bool, float]:
             0.0 if residual is None else float(residual))
 
 
+#: Multiply-adds of one layer's product (B n^2) below which the layers run on one thread.  Threads
+#: that split a layer by features meet two or three times per layer; where the cores are shared
+#: with other work each meeting can wait a scheduler time slice (milliseconds), far more than a
+#: small layer's product.  Measured on 2 cores under load (load average 11-15, min of 5 runs, one
+#: thread against two): L 1600 n 64 B 4: 0.09 s against 55 s; L 100 n 256 B 64 (the batchnorm
+#: bench job): 0.2-0.25 s against 1.3-9 s; L 30 n 512 B 256: 0.97 s against 3.3 s.  On idle cores
+#: two threads pay off once the product dominates the meetings; this threshold (B 64, n 512)
+#: keeps the small and medium problems on one thread.
+PARALLEL_LAYER_WORK = 1 << 24
+
+
 def _feature_blocks(width: int) -> int:
+    """Blocks of features a layer is cut into: fixed per machine, whatever the thread count."""
     return max(1, min(n_partitions(), width))
+
+
+def _layer_threads(batch: int, width: int, blocks: int) -> int:
+    """Threads for the per-layer (synchronising) phases: 1 for small layers (PARALLEL_LAYER_WORK)."""
+    if batch * width * width < PARALLEL_LAYER_WORK:
+        return 1
+    return max(1, min(n_threads(), blocks))
 
 
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
@@ -39,7 +58,7 @@ def forward(problem, out: np.ndarray | None) -> np.ndarray:
     with blas_held_to_one_thread():
         _batchnorm.forward(stack.weights, stack.biases, x, *_layer_options(stack), out,
                            np.empty((4, batch, width), dtype), np.empty(width, dtype), np.empty(2 * width),
-                           np.zeros(width, dtype), blocks, min(n_threads(), blocks))
+                           np.zeros(width, dtype), blocks, _layer_threads(batch, width, blocks))
     return out
 
 
@@ -61,7 +80,8 @@ def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> d
             np.empty((2, batch, width), dtype), np.empty(2 * width), np.empty((blocks, batch)),
             np.zeros(width, dtype),
             np.empty((max(1, min(threads, depth)), _batchnorm.weight_gradient_scratch(batch, width)), dtype),
-            log_grad_norm, log_weight_grad_norm, saturated, alive, blocks, min(threads, blocks),
+            log_grad_norm, log_weight_grad_norm, saturated, alive, blocks,
+            _layer_threads(batch, width, blocks), max(1, min(threads, depth)),
         )
     return {
         "log_grad_norm": log_grad_norm,
@@ -95,7 +115,7 @@ def _jacobian_product(problem, vectors: np.ndarray, out: np.ndarray | None, tran
             np.empty((depth, batch, width), dtype), np.empty((depth, batch, width), dtype),
             np.empty((depth, width), dtype), np.empty((2, batch, width), dtype), np.empty(2 * width),
             np.zeros(width, dtype), np.empty((items, 3 * largest_item * batch * width), dtype),
-            np.empty((items, 2 * width)), blocks, min(threads, max(blocks, items)),
+            np.empty((items, 2 * width)), blocks, _layer_threads(batch, width, blocks), min(threads, items),
         )
     return out
 
