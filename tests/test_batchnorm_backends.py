@@ -168,3 +168,20 @@ def test_random_stack_accepts_batch_norm_and_reports_it():
     assert stack.norm == "batch" and stack.kind == "batchnorm"
     assert stack.config()["norm"] == "batch"
     assert "norm='batch'" in repr(stack)
+
+
+def test_sweeps_and_the_command_line_run_batch_norm(tmp_path):
+    """A sweep row of a norm="batch" config is the call-by-call profile, with the theory of its batch size."""
+    from vgcore.cli import main
+    from vgcore.sweep import input_seed
+
+    result = vg.sweep({"depth": 6, "width": 12, "activation": ["relu", "tanh"], "norm": "batch"}, batch=5,
+                      seeds=1, backend="cpu", progress=False)
+    for row in result.frame.itertuples():
+        stack = vg.Stack.random(6, 12, activation=row.activation, norm="batch", seed=row.seed)
+        x = vg.random_inputs(stack, 5, seed=input_seed(row.seed))
+        profile = vg.gradient_profile(stack, x, backend="cpu")
+        np.testing.assert_allclose(row.log_grad_norm, profile.log_grad_norm.mean(axis=0), rtol=1e-12)
+        assert row.chi_theory == pytest.approx(vg.theory.batchnorm_chi(row.activation, 5), nan_ok=True)
+    assert main(["sweep", "--depth", "4", "--width", "8", "--norm", "batch,none", "--batch", "4",
+                 "--out", str(tmp_path / "store"), "--no-progress"]) == 0

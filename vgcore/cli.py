@@ -127,7 +127,7 @@ GRID_FLAGS = {
                   "weight scale(s), e.g. 0.5:3:26, or xavier, lecun, he, critical (default 1)"),
     "--sigma-b": ("sigma_b", "float", "bias scale(s), e.g. 0:0.5:11 (default 0)"),
     "--residual": ("residual", "float_or_none", "branch scale(s) or none, e.g. none,1 (default none)"),
-    "--norm": ("norm", "str_or_none", "layer norm: none, pre, post (default none)"),
+    "--norm": ("norm", "str_or_none", "none, pre or post (layer norm), batch (batch norm) (default none)"),
     "--dtype": ("dtype", "str", "float64, float32 (default float64)"),
     "--cell": ("cell", "str", "dense, rnn, lstm, gru (default dense; recurrent: --depth is the steps T, "
                               "--sigma-w the gain)"),
