@@ -52,12 +52,14 @@ input (B = 2, gradients live only through eps): no closed form, NaN.  Other
 activations have no closed form at finite B (NaN); their large-batch limit is
 the one-dimensional Gaussian ratio above.
 
-Measured (tests/test_batchnorm_theory.py, width 512, 50 layers, per-layer
-ratio fitted over the middle layers, seeds fixed): linear B = 8, 16, 64
-measure 1.188, 1.076, 1.013 against 1.2, 1.0769, 1.0164; relu 1.786, 1.567,
-1.483 against 1.788, 1.590, 1.493.  At B = 4 (theory: linear 2, relu 3.08)
-width 512 measures 1.91 and 2.75: E[1 / chi^2_3] has infinite variance, so
-the width average converges slowly (the theory is the n -> inf limit).
+Measured (examples/batchnorm_explosion.py: width 512, 60 layers, sigma_w sqrt 2,
+per-layer ratio fitted over layers 12..48, one seed): linear B = 8, 16, 64
+measure 1.181, 1.056, 1.012 against 1.2, 1.077, 1.016; relu 1.798, 1.589,
+1.482 against 1.788, 1.590, 1.493, and at B = 256 1.446 against 1.473
+(tests/test_batchnorm_theory.py holds B = 8, 16, 64 to 3 %).  At B = 4
+(theory: linear 2, relu 3.08) width 512 measures 1.86 and 2.71 (width 1536:
+2.04 and 2.80): E[1 / chi^2_3] has infinite variance, so the average over
+the width converges slowly to the n -> inf limit.
 """
 
 from __future__ import annotations
