@@ -68,6 +68,7 @@ def test_kernel_file_compiles_with_nvrtc_as_cupy_builds_it():
     if library is None:
         pytest.skip("libnvrtc not found (install nvidia-cuda-nvrtc or set VGCORE_NVRTC)")
     status, log, lowered = nvrtc_compile(library, (CSRC / CONSTANTS["KERNEL_FILE"]).read_text(),
-                                         [f"-I{CSRC}", *CONSTANTS["NVRTC_OPTIONS"]], _names())
+                                         [f"-I{CSRC}", *CONSTANTS["NVRTC_OPTIONS"]], _names(),
+                                         program=CONSTANTS["KERNEL_FILE"])
     assert status == 0, f"NVRTC failed:\n{log}"
     assert set(lowered) == set(_names())

@@ -79,7 +79,7 @@ def instantiations() -> str:
 
 
 def test_kernel_lists_match_the_kernel_file():
-    """Every kernel of the .cu is listed in vgcore/backends/cuda_stack.py, with the right linkage, and vice versa."""
+    """Every kernel of the .cu is listed in vgcore/backends/cuda_stack.py, with its linkage, and back."""
     source = (CSRC / CONSTANTS["KERNEL_FILE"]).read_text()
     templates = set(re.findall(r"template <typename T>\s*__global__ void (\w+)\(", source))
     plain = set(re.findall(r'extern "C" __global__ void (\w+)\(', source))
@@ -147,36 +147,36 @@ def find_nvrtc() -> Path | None:
     return next((path for path in candidates if path.name.startswith("libnvrtc.so")), None)
 
 
-def nvrtc_compile(library: Path, source: str, options: list[str], names: list[str]) -> tuple[int, str, dict]:
-    """(status, log, lowered names) of NVRTC compiling ``source`` with ``names`` as name expressions."""
+def nvrtc_compile(library: Path, source: str, options: list[str], names: list[str],
+                  program: str = "vg_cuda_kernels.cu") -> tuple[int, str, dict]:
+    """(status, log, lowered names) of NVRTC compiling ``source``, named ``program``, with ``names``."""
     # libnvrtc loads its builtins by name at compile time; make the ones beside it visible first
     for builtins in sorted(library.parent.glob("libnvrtc-builtins.so*")):
         if ".alt." not in builtins.name:
             ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
             break
     nvrtc = ctypes.CDLL(str(library))
-    program = ctypes.c_void_p()
-    status = nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"vg_cuda_kernels.cu", 0,
-                                      None, None)
+    handle = ctypes.c_void_p()
+    status = nvrtc.nvrtcCreateProgram(ctypes.byref(handle), source.encode(), program.encode(), 0, None, None)
     assert status == 0, f"nvrtcCreateProgram: {status}"
     try:
         for name in names:
-            assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
+            assert nvrtc.nvrtcAddNameExpression(handle, name.encode()) == 0
         encoded = (ctypes.c_char_p * len(options))(*[option.encode() for option in options])
-        status = nvrtc.nvrtcCompileProgram(program, len(options), encoded)
+        status = nvrtc.nvrtcCompileProgram(handle, len(options), encoded)
         size = ctypes.c_size_t()
-        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        nvrtc.nvrtcGetProgramLogSize(handle, ctypes.byref(size))
         log = ctypes.create_string_buffer(max(size.value, 1))
-        nvrtc.nvrtcGetProgramLog(program, log)
+        nvrtc.nvrtcGetProgramLog(handle, log)
         lowered = {}
         if status == 0:
             for name in names:
                 pointer = ctypes.c_char_p()
-                assert nvrtc.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(pointer)) == 0
+                assert nvrtc.nvrtcGetLoweredName(handle, name.encode(), ctypes.byref(pointer)) == 0
                 lowered[name] = pointer.value.decode()
         return status, log.value.decode(errors="replace"), lowered
     finally:
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(handle))
 
 
 def test_kernel_file_compiles_with_nvrtc_as_cupy_builds_it():
