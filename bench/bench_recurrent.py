@@ -148,12 +148,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--jobs", default="lstm,rnn_lyapunov")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="hold BLAS, OpenMP and PyTorch to N threads, every contestant (default: all); "
+                             "on a machine busy with other work, 1 keeps spinning thread pools from "
+                             "distorting the ratios")
     args = parser.parse_args()
     jobs = args.jobs.split(",")
-    if "lstm" in jobs:
-        lstm_job(*((50, 32, 8) if args.quick else (1000, 256, 32)), args.repeats, not args.no_torch)
-    if "rnn_lyapunov" in jobs:
-        rnn_lyapunov_job(*((50, 10, 64, 8) if args.quick else (2000, 500, 512, 32)), args.repeats)
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_limits
+
+    limits = nullcontext() if args.threads is None else threadpool_limits(limits=args.threads)
+    if args.threads is not None:
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+        print(f"every contestant held to {args.threads} thread(s)")
+    with limits:
+        if "lstm" in jobs:
+            lstm_job(*((50, 32, 8) if args.quick else (1000, 256, 32)), args.repeats, not args.no_torch)
+        if "rnn_lyapunov" in jobs:
+            rnn_lyapunov_job(*((50, 10, 64, 8) if args.quick else (2000, 500, 512, 32)), args.repeats)
 
 
 if __name__ == "__main__":

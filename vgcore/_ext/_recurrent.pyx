@@ -33,7 +33,8 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, exp, fabs, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
-from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
+from scipy.linalg.cython_blas cimport dsyrk, dtrsm
+from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, dpotrf, sgeqrf, sorgqr
 
 from vgcore._ext._layers cimport _block_start, _gemm, _gram_upper, _renormalise_rows
 
@@ -139,6 +140,27 @@ cdef inline void _step_jvp(Cell c, Py_ssize_t rows, Py_ssize_t per_sample, const
     """In place: tangents t (rows, N) at s_{t-1} -> at s_t; t_a (rows, G n) scratch."""
     _gemm(c'T', c'N', <int> c.gn, <int> rows, <int> c.n, <floating> 1, w_hh, <int> c.n, t, <int> c.width,
           <floating> 0, t_a, <int> c.gn)
+    if floating is double:
+        vg_cell_jvp_block_d(c.cell, rows, c.n, per_sample, t_a, t, cache, state_prev, t)
+    else:
+        vg_cell_jvp_block_f(c.cell, rows, c.n, per_sample, t_a, t, cache, state_prev, t)
+
+
+cdef inline void _forward_block(Cell c, Py_ssize_t rows, const floating *pre_h, const floating *b_hh,
+                                const floating *pre_x, const floating *b_ih, const floating *state_prev,
+                                floating *state_out, floating *cache) noexcept nogil:
+    """The cell's elementwise forward over rows whose products pre_h (and pre_x, or NULL) are done."""
+    if floating is double:
+        vg_cell_forward_block_d(c.cell, c.activation, rows, c.n, pre_h, b_hh, pre_x, b_ih, state_prev,
+                                state_out, cache)
+    else:
+        vg_cell_forward_block_f(c.cell, c.activation, rows, c.n, pre_h, b_hh, pre_x, b_ih, state_prev,
+                                state_out, cache)
+
+
+cdef inline void _jvp_block(Cell c, Py_ssize_t rows, Py_ssize_t per_sample, const floating *t_a,
+                            const floating *cache, const floating *state_prev, floating *t) noexcept nogil:
+    """In place, the cell's elementwise JVP of tangents t whose product t_a = t_h W_hh^T is done."""
     if floating is double:
         vg_cell_jvp_block_d(c.cell, rows, c.n, per_sample, t_a, t, cache, state_prev, t)
     else:
@@ -581,6 +603,64 @@ cdef int _qr_workspace(floating probe, int n, int k) noexcept nogil:
     return max(<int> geqrf_size, <int> orgqr_size, k, 1)
 
 
+#: CholeskyQR2 is used where the first pass's diagonal spread max R_ii / min R_ii stays below this
+#: (a lower bound of the condition number; above, Householder), and kept only when the second
+#: pass's R is within this of the identity (else the step is redone by Householder).
+cdef double CHOLESKY_SPREAD = 1e3
+cdef double CHOLESKY_SECOND_PASS = 1e-8
+
+
+cdef inline int _cholesky_pass(int n, int k, double *a, double *gram) noexcept nogil:
+    """a (n, k) column-major <- a R^{-1} with R^T R = a^T a (Cholesky); R's upper triangle in gram.
+
+    Returns LAPACK's info (> 0: a^T a is not numerically positive definite).
+    """
+    cdef char upper = c'U', trans = c'T', right = c'R', no = c'N'
+    cdef double one = 1, zero = 0
+    cdef int info = 0
+    dsyrk(&upper, &trans, &k, &n, &one, a, &n, &zero, gram, &k)
+    dpotrf(&upper, &k, gram, &k, &info)
+    if info != 0:
+        return info
+    dtrsm(&right, &upper, &no, &no, &n, &k, &one, gram, &k, a, &n)
+    return 0
+
+
+cdef int _cholesky_qr2(int n, int k, double *a, double *saved, double *gram, double *log_r,
+                       ) noexcept nogil:
+    """Q of a (n, k) column-major in place by CholeskyQR2 and log|R_ii| into log_r; 1 where it
+    declines (a restored from ``saved`` for Householder), else 0.
+
+    Two Cholesky passes: R = R2 R1, so log R_ii = log R1_ii + log R2_ii.  Level-3 BLAS (syrk,
+    trsm) where Householder QR of a thin matrix is level 2; used only where the matrix is well
+    conditioned (CHOLESKY_SPREAD), which a Lyapunov step's leading directions are.
+    """
+    cdef Py_ssize_t i
+    cdef double largest = 0, smallest = INFINITY, value
+    memcpy(saved, a, n * k * sizeof(double))
+    if _cholesky_pass(n, k, a, gram) != 0:
+        memcpy(a, saved, n * k * sizeof(double))
+        return 1
+    for i in range(k):
+        value = gram[i * k + i]
+        log_r[i] = log(value)
+        largest = value if value > largest else largest
+        smallest = value if value < smallest else smallest
+    if not smallest * CHOLESKY_SPREAD > largest:
+        memcpy(a, saved, n * k * sizeof(double))
+        return 1
+    if _cholesky_pass(n, k, a, gram) != 0:
+        memcpy(a, saved, n * k * sizeof(double))
+        return 1
+    for i in range(k):
+        value = gram[i * k + i]
+        if fabs(value - 1.0) > CHOLESKY_SECOND_PASS:
+            memcpy(a, saved, n * k * sizeof(double))
+            return 1
+        log_r[i] = log_r[i] + log(value)
+    return 0
+
+
 def lyapunov_log_growth(int cell, int activation, const floating[:, ::1] weight_hh,
                         const floating[:, ::1] weight_ih, const floating[::1] bias_hh,
                         const floating[::1] bias_ih, const floating[:, ::1] x,
@@ -608,31 +688,47 @@ def lyapunov_log_growth(int cell, int activation, const floating[:, ::1] weight_
     cdef floating *buffer = NULL
     cdef floating *current
     cdef floating *following
-    cdef floating *swap
     cdef floating *cache
     cdef floating *scratch
     cdef floating *tangents
     cdef floating *tau
     cdef floating *lapack_work
     cdef floating *tangent_block
+    cdef floating *saved
+    cdef floating *gram
+    cdef double *log_r = NULL
+    cdef int declined
     # current | following | cache | pre_h, pre_x | tangents | t_a (k rows per sample) | tau | LAPACK
-    cdef Py_ssize_t size = (max_samples * (2 * c.width + c.columns + 2 * c.gn) + tangent_plane
-                            + max_samples * k * c.gn + k + lwork)
+    # | saved tangents (N k) | Gram (k k)
+    cdef Py_ssize_t rows
+    cdef floating *products
+    cdef const floating *x_part
+    # current and tangents (contiguous: one product W_hh [h | t] per step serves the state and
+    # every tangent, streaming W_hh once) | following | cache | products (rows, G n) | pre_x
+    # | tau | LAPACK | saved tangents (N k) | Gram (k k)
+    cdef Py_ssize_t size = (max_samples * c.width + tangent_plane + max_samples * (c.width + c.columns)
+                            + (max_samples + max_samples * k) * c.gn + max_samples * c.gn + k + lwork
+                            + c.width * k + k * k)
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
         buffer = <floating *> malloc(size * sizeof(floating))
+        log_r = <double *> malloc(k * sizeof(double))
         for block in prange(n_blocks, schedule='static'):
             start = _block_start(block, n_blocks, batch)
             samples = _block_start(block + 1, n_blocks, batch) - start
-            if buffer == NULL:
+            if buffer == NULL or log_r == NULL:
                 status[block] = -1000
                 continue
+            rows = samples * (1 + k)
             current = buffer
-            following = current + max_samples * c.width
+            tangents = current + samples * c.width
+            following = buffer + max_samples * c.width + tangent_plane
             cache = following + max_samples * c.width
-            scratch = cache + max_samples * c.columns
-            tangents = scratch + 2 * max_samples * c.gn
-            tau = tangents + tangent_plane + max_samples * k * c.gn
+            products = cache + max_samples * c.columns
+            scratch = products + (max_samples + max_samples * k) * c.gn  # pre_x
+            tau = scratch + max_samples * c.gn
             lapack_work = tau + k
+            saved = lapack_work + lwork
+            gram = saved + c.width * k
             memcpy(current, &x[start, 0], samples * c.width * sizeof(floating))
             memset(tangents, 0, samples * k * c.width * sizeof(floating))
             for s in range(samples):
@@ -641,13 +737,28 @@ def lyapunov_log_growth(int cell, int activation, const floating[:, ::1] weight_
             memset(&log_growth[start, 0], 0, samples * k * sizeof(double))
             info = 0
             for t in range(warmup + steps):
-                _step_forward(c, samples, &weight_hh[0, 0], &weight_ih[0, 0], &bias_hh[0], &bias_ih[0],
-                              _inputs_at(inputs, has_inputs, start, t), u_stride, current, following,
-                              cache, scratch, scratch + max_samples * c.gn)
-                _step_jvp(c, samples * k, k, &weight_hh[0, 0], cache, current, tangents,
-                          tangents + tangent_plane)
+                _gemm(c'T', c'N', <int> c.gn, <int> rows, <int> c.n, <floating> 1, &weight_hh[0, 0],
+                      <int> c.n, current, <int> c.width, <floating> 0, products, <int> c.gn)
+                x_part = NULL
+                if has_inputs and c.m > 0:
+                    _gemm(c'T', c'N', <int> c.gn, <int> samples, <int> c.m, <floating> 1, &weight_ih[0, 0],
+                          <int> c.m, _inputs_at(inputs, has_inputs, start, t), <int> u_stride,
+                          <floating> 0, scratch, <int> c.gn)
+                    x_part = scratch
+                _forward_block(c, samples, products, &bias_hh[0], x_part, &bias_ih[0], current, following,
+                               cache)
+                _jvp_block(c, samples * k, k, products + samples * c.gn, cache, current, tangents)
+                memcpy(current, following, samples * c.width * sizeof(floating))
                 for s in range(samples):
                     tangent_block = tangents + s * k * c.width
+                    declined = 1
+                    if floating is double:
+                        declined = _cholesky_qr2(<int> c.width, <int> k, tangent_block, saved, gram, log_r)
+                    if not declined:
+                        if t >= warmup:
+                            for i in range(k):
+                                log_growth[start + s, i] = log_growth[start + s, i] + log_r[i]
+                        continue
                     info = _householder_qr(<int> c.width, <int> k, tangent_block, tau, lapack_work, lwork)
                     if info != 0:
                         break
@@ -664,8 +775,6 @@ def lyapunov_log_growth(int cell, int activation, const floating[:, ::1] weight_
                         break
                 if info != 0:
                     break
-                swap = current
-                current = following
-                following = swap
             status[block] = info
         free(buffer)
+        free(log_r)
