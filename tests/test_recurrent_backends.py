@@ -208,3 +208,11 @@ def test_lyapunov_spectrum_of_a_chaotic_rnn_matches_the_reference(k):
         jacobians = _reference_recurrent.step_jacobians(model, inputs_free, 60, None)
         _, log_det = np.linalg.slogdet(jacobians)
         np.testing.assert_allclose(compiled.sum(axis=1), log_det.mean(axis=0), rtol=1e-9)
+
+
+def test_random_inputs_of_a_recurrent_model_are_initial_states():
+    lstm = Recurrent.random(5, cell="lstm", dtype="float32", seed=0)
+    states = vg.random_inputs(lstm, 3, seed=1)
+    assert states.shape == (3, 10) and states.dtype == np.float32
+    expected = np.random.default_rng(1).standard_normal((3, 10)).astype(np.float32)
+    np.testing.assert_array_equal(states, expected)

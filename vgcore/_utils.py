@@ -10,7 +10,9 @@ from vgcore import _validation as check
 
 
 def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: float = 1.0):
-    """Standard normal inputs x_0 of shape (batch, stack.width) in the stack's dtype and device.
+    """Standard normal inputs x_0 (batch, stack.state_width) in the model's dtype and device.
+
+    For a :class:`vgcore.Recurrent` these are initial states s_0 (an lstm's [h | c]).
 
     Parameters
     ----------
@@ -25,7 +27,7 @@ def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: flo
 
     Returns
     -------
-    ndarray, shape (batch, width)
+    ndarray, shape (batch, state_width)
 
     Raises
     ------
@@ -34,17 +36,16 @@ def random_inputs(stack: Any, batch: int, *, seed: int | None = None, scale: flo
         memory), seed, scale (also when scale times a normal draw overflows
         the stack's dtype).
     """
-    from vgcore._stack import Stack
+    from vgcore._model import check_model
 
-    if not isinstance(stack, Stack):
-        raise TypeError(f"stack: expected a vgcore.Stack, got {type(stack).__name__}")
+    stack = check_model(stack, "stack")  # any model kind: a Recurrent's inputs are initial states
+    width = stack.state_width
     batch = check.check_int(batch, "batch")
     scale = check.check_real(scale, "scale", positive=True)
     seed = check.check_int(seed, "seed", minimum=0) if seed is not None else None
-    check.check_memory(batch * stack.width * (8 + stack.dtype.itemsize), "batch",
-                       f"{batch} x {stack.width} inputs")
+    check.check_memory(batch * width * (8 + stack.dtype.itemsize), "batch", f"{batch} x {width} inputs")
     with np.errstate(over="ignore", invalid="ignore"):
-        values = np.random.default_rng(seed).standard_normal((batch, stack.width))
+        values = np.random.default_rng(seed).standard_normal((batch, width))
         values *= scale
         values = values.astype(stack.dtype, copy=False)
     if not np.isfinite(values).all():
