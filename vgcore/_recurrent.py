@@ -212,6 +212,9 @@ class Recurrent:
                 raise ValueError(f"seed: must be < 2**63, got {seed}")
 
         gates = CELLS[cell]
+        # the draws and their scaled copies hold about 4 float64 values per parameter (issue 17 hook)
+        check.check_memory(32 * gates * width * (width + input_width + 2), "width, input_width",
+                           f"a {cell} cell of width {width} with {input_width} inputs")
         rng = np.random.default_rng(seed)
         if init == "uniform":
             unit_hh = rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), size=(gates, width, width))
