@@ -194,6 +194,14 @@ def stack_pool() -> list[vg.Stack]:
                     init=str(rng.choice(["gaussian", "orthogonal", "uniform"])), sigma_w=sigma_w,
                     sigma_b=float(rng.choice([0.0, 0.1, 1.0])), residual=rng.choice([None, 1.0, 0.5]),
                     norm=norm, dtype=dtype, seed=seed))
+    if hasattr(vg, "Recurrent"):  # recurrent cells: time plays the role of depth
+        for cell in ("rnn", "lstm", "gru"):
+            for dtype in ("float64", "float32"):
+                seed += 1
+                stacks.append(vg.Recurrent.random(3, cell=cell, input_width=2 if seed % 2 else 0,
+                                                  sigma_w=[1.0, 3.0, 1e4][seed % 3],
+                                                  forget_bias=1.0 if cell == "lstm" else 0.0,
+                                                  dtype=dtype, seed=seed))
     return stacks
 
 
@@ -219,7 +227,7 @@ def _stack_argument(c, pool: list) -> Any:
 
 
 def _batch_of(c, stack, label: str) -> Any:
-    width = getattr(stack, "width", 3)
+    width = getattr(stack, "state_width", 3)
     dtype = getattr(stack, "dtype", np.float64)
     return hostile_array(c, (c.integer(1, 4, label=label), width), dtype, label)
 
@@ -257,7 +265,8 @@ def make_call(c, pool: list) -> Call:
     calls), a few arguments hostile, or most of them.
     """
     c.hostility = c.choice([0.0, 0.1, 0.6], "hostility")
-    kind = c.choice(["Stack", "Stack.random", "random_inputs", "forward", "forward", "gradient_profile",
+    kind = c.choice(["Stack", "Stack.random", "Recurrent.random", "random_inputs", "forward", "forward",
+                     "gradient_profile",
                      "gradient_profile", "jvp", "vjp", "jacobian", "singular_values", "lyapunov_exponents",
                      "stats", "theory", "theory", "sweep"], "function")
     backend = hostile_name(c, BACKENDS, "backend", ("cuda",))
@@ -287,6 +296,23 @@ def make_call(c, pool: list) -> Call:
                      "device": hostile_name(c, ("cpu",), "device", ("cuda", "tpu"))},
                     ("depth", "width", "activation", "init", "sigma_w", "sigma_b", "residual", "norm",
                      "dtype", "seed", "device", "depth, width"))
+    if kind == "Recurrent.random":
+        cell = hostile_name(c, ("rnn", "lstm", "gru"), "cell")
+        gated = cell in ("lstm", "gru")  # torch's gated cells: tanh only, and a forget gate only in lstm
+        return Call(kind, vg.Recurrent.random, (hostile_int(c, (1, 4), "width"),),
+                    {"cell": cell,
+                     "activation": hostile_name(c, ("tanh",) if gated else vg.ACTIVATIONS, "activation"),
+                     "input_width": hostile_int(c, (0, 3), "input_width"),
+                     "init": hostile_name(c, ("gaussian", "orthogonal"), "init"),
+                     "sigma_w": hostile_real(c, (0.3, 3.0), "sigma_w"),
+                     "sigma_u": hostile_real(c, (0.3, 3.0), "sigma_u"),
+                     "sigma_b": hostile_real(c, (0.0, 1.0), "sigma_b"),
+                     "forget_bias": (hostile_real(c, (-1.0, 2.0), "forget_bias") if cell == "lstm"
+                                     else c.choice([0.0, 0.0, 0.0, 1.0], "forget_bias")),
+                     "dtype": hostile_name(c, ("float64", "float32"), "dtype", ("float16", "int32")),
+                     "seed": c.choice([None, hostile_int(c, (0, 2**40), "seed")], "seed?")},
+                    ("width", "cell", "activation", "input_width", "init", "sigma_w", "sigma_u", "sigma_b",
+                     "forget_bias", "dtype", "seed", "device"))
     if kind == "random_inputs":
         return Call(kind, vg.random_inputs, (_stack_argument(c, pool), hostile_int(c, (1, 5), "batch")),
                     {"seed": c.choice([None, hostile_int(c, (0, 2**40), "seed")], "seed?"),
@@ -300,33 +326,56 @@ def make_call(c, pool: list) -> Call:
         return _sweep_call(c)
     stack = _stack_argument(c, pool)
     x = _batch_of(c, stack, "x")
-    width = getattr(stack, "width", 3)
+    width = getattr(stack, "state_width", 3)
     dtype = getattr(stack, "dtype", np.float64)
     batch = max(1, x.shape[0]) if isinstance(x, np.ndarray) and x.ndim == 2 else 2
+    time_keywords = _time_keywords(c, stack, batch, dtype)
     if kind == "forward":
         out = _out_for(c, (batch, width), dtype, [x])
-        return Call(kind, vg.forward, (stack, x), {"out": out, "backend": backend}, COMPUTE_NAMES)
+        return Call(kind, vg.forward, (stack, x), {"out": out, "backend": backend, **time_keywords},
+                    COMPUTE_NAMES)
     if kind == "gradient_profile":
         grad_output = c.choice([None, hostile_array(c, (batch, width), dtype, "grad_output")], "g?")
         segment = c.choice([None, None, "auto", hostile_int(c, (1, 4), "segment"), "bogus"], "segment")
         return Call(kind, vg.gradient_profile, (stack, x, grad_output),
-                    {"backend": backend, "segment": segment}, (*COMPUTE_NAMES, "grad_output", "segment"))
+                    {"backend": backend, "segment": segment, **time_keywords},
+                    (*COMPUTE_NAMES, "grad_output", "segment"))
     if kind in ("jvp", "vjp"):
         k = c.integer(1, 3, "k")
         shape = c.choice([(batch, k, width), (k, width)], "vector shape")
         vectors = hostile_array(c, shape, dtype, "vectors")
         out = _out_for(c, (batch, k, width), dtype, [x, vectors])
         name = "tangents" if kind == "jvp" else "cotangents"
-        return Call(kind, getattr(vg, kind), (stack, x, vectors), {"out": out, "backend": backend},
-                    (*COMPUTE_NAMES, name))
+        return Call(kind, getattr(vg, kind), (stack, x, vectors),
+                    {"out": out, "backend": backend, **time_keywords}, (*COMPUTE_NAMES, name))
     if kind == "jacobian":
         out = _out_for(c, (batch, width, width), dtype, [x])
-        return Call(kind, vg.jacobian, (stack, x), {"out": out, "backend": backend}, COMPUTE_NAMES)
+        return Call(kind, vg.jacobian, (stack, x), {"out": out, "backend": backend, **time_keywords},
+                    COMPUTE_NAMES)
     if kind == "singular_values":
-        return Call(kind, vg.singular_values, (stack, x), {"backend": backend}, COMPUTE_NAMES)
+        return Call(kind, vg.singular_values, (stack, x), {"backend": backend, **time_keywords},
+                    COMPUTE_NAMES)
     k = c.choice([None, hostile_int(c, (1, max(1, width)), "k")], "k?")
-    return Call(kind, vg.lyapunov_exponents, (stack, x, k), {"backend": backend},
+    if time_keywords and c.choice([False, True], "warmup?"):
+        time_keywords["warmup"] = hostile_int(c, (0, 3), "warmup")
+    return Call(kind, vg.lyapunov_exponents, (stack, x, k), {"backend": backend, **time_keywords},
                 (*COMPUTE_NAMES, "k", "warmup"))
+
+
+def _time_keywords(c, model, batch: int, dtype) -> dict:
+    """steps= / inputs= for a recurrent model (sometimes for a stack too, which must refuse them)."""
+    recurrent = getattr(model, "kind", None) == "recurrent"
+    if not recurrent and _kind(c, ["steps"], "time keywords") == "good":
+        return {}
+    # not huge: a recurrent model runs 10**9 steps if asked (its time, not a fault; its memory is checked
+    # by the model kind, or not: see the report of issue 17)
+    steps = hostile_int(c, (1, 6), "steps")
+    keywords = {"steps": 10**4 if type(steps) is int and steps > 10**4 else steps}
+    input_width = getattr(model, "input_width", 0)
+    if input_width and c.choice([True, True, False], "inputs?"):
+        steps = keywords["steps"] if type(keywords["steps"]) is int and 0 < keywords["steps"] < 50 else 3
+        keywords["inputs"] = hostile_array(c, (batch, steps, input_width), dtype, "inputs")
+    return keywords
 
 
 def _stats_call(c, pool: list) -> Call:
@@ -334,7 +383,11 @@ def _stats_call(c, pool: list) -> Call:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         try:
-            profile = vg.gradient_profile(stack, vg.random_inputs(stack, 2, seed=0), backend="numpy")
+            x = np.random.default_rng(0).standard_normal((2, stack.state_width)).astype(stack.dtype)
+            steps = {"steps": 4} if getattr(stack, "kind", None) == "recurrent" else {}
+            if getattr(stack, "input_width", 0):
+                steps["inputs"] = np.ones((2, 4, stack.input_width), stack.dtype)
+            profile = vg.gradient_profile(stack, x, backend="numpy", **steps)
         except ValueError:  # a stack whose forward pass overflows: any object stands in
             profile = None
     profile = c.choice([profile, profile, profile, None, "profile", np.zeros(3)], "profile")
