@@ -4,74 +4,129 @@
  * cotangents g (B, n) at h and linear inputs u (B, n), the gradient is G^T U (n, n) and
  *     ||G^T U||_F^2 = sum_ij (g_i . g_j) (u_i . u_j)          (B < n: two B x B Gram matrices)
  *                   = sum over the entries of sum_b g_b u_b^T  (B >= n: the n x n gradient).
- * Double and float twins (suffix _d, _f); sums are accumulated in double.  `omp simd`
- * vectorises the reductions in a fixed order (the same for any number of threads); without
- * OpenMP the pragma is ignored and the loops run in plain order.
+ * Double and float twins (suffix _d, _f); sums are accumulated in double.
  */
 #ifndef VG_SWEEP_H
 #define VG_SWEEP_H
 
-static inline double vg_dot_d(long n, const double *a, const double *b)
+#include <math.h>
+
+/* The loops are compiled for the baseline and, where GCC can dispatch at load time (ifunc), for
+   AVX2 and AVX-512F too (chosen by CPU features): the widest vectors whatever the build flags.  Each clone sums
+   in a fixed order, so results do not depend on threads (they may differ between machines). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 8
+#define VG_SWEEP_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define VG_SWEEP_CLONES
+#endif
+
+/* max_i |a_i| (0 for count 0), vectorised: `omp simd` max reduction. */
+#define VG_LARGEST_ENTRY(SFX, T)                                                              \
+    VG_SWEEP_CLONES static double vg_largest_entry_##SFX(long count, const T *a)              \
+    {                                                                                         \
+        double largest = 0;                                                                   \
+        _Pragma("omp simd reduction(max : largest)")                                          \
+        for (long i = 0; i < count; ++i) {                                                    \
+            double value = a[i] < 0 ? -(double)a[i] : (double)a[i];                           \
+            largest = value > largest ? value : largest;                                      \
+        }                                                                                     \
+        return largest;                                                                       \
+    }
+VG_LARGEST_ENTRY(d, double)
+VG_LARGEST_ENTRY(f, float)
+#undef VG_LARGEST_ENTRY
+
+/* The row renormalisation of vgcore/_ext/_layers.pxd (_renormalise_rows), vectorised: record
+   log ||g_r|| + log_scale_r into log_norm_out[r * stride], rescale g_r to unit norm and carry the
+   factor in log_scale_r.  The row is first scaled by the power of two that brings its largest entry
+   into [0.5, 1) (exact; in two factors for subnormal rows), so the sum of squares cannot underflow or
+   overflow.  A zero row records -inf and stays zero. */
+#define VG_RENORMALISE(SFX, T)                                                                \
+    VG_SWEEP_CLONES static void vg_renormalise_rows_##SFX(long rows, long n, T *g, double *log_scale, \
+                                                          double *log_norm_out, long stride)  \
+    {                                                                                         \
+        for (long r = 0; r < rows; ++r) {                                                     \
+            T *row = g + r * n;                                                               \
+            double largest = 0, total = 0;                                                    \
+            _Pragma("omp simd reduction(max : largest)")                                      \
+            for (long i = 0; i < n; ++i) {                                                    \
+                double value = row[i] < 0 ? -(double)row[i] : (double)row[i];                 \
+                largest = value > largest ? value : largest;                                  \
+            }                                                                                 \
+            if (!(largest > 0)) {                                                             \
+                log_norm_out[r * stride] = -INFINITY;                                         \
+                continue;                                                                     \
+            }                                                                                 \
+            int exponent;                                                                     \
+            frexp(largest, &exponent);                                                        \
+            double unit = ldexp(1.0, exponent < -1000 ? (-exponent) / 2 : -exponent);         \
+            double unit_rest = exponent < -1000 ? ldexp(1.0, -exponent - (-exponent) / 2) : 1.0; \
+            _Pragma("omp simd reduction(+ : total)")                                          \
+            for (long i = 0; i < n; ++i) {                                                    \
+                double value = ((double)row[i] * unit) * unit_rest;                           \
+                row[i] = (T)value;                                                            \
+                total += value * value;                                                       \
+            }                                                                                 \
+            double log_norm = exponent * 0.69314718055994530942 + 0.5 * log(total);           \
+            log_norm_out[r * stride] = log_scale[r] + log_norm;                               \
+            double inv = 1.0 / sqrt(total);                                                   \
+            _Pragma("omp simd")                                                               \
+            for (long i = 0; i < n; ++i)                                                      \
+                row[i] = (T)((double)row[i] * inv);                                           \
+            log_scale[r] += log_norm;                                                         \
+        }                                                                                     \
+    }
+VG_RENORMALISE(d, double)
+VG_RENORMALISE(f, float)
+#undef VG_RENORMALISE
+
+/* Scratch (in doubles) the two functions below need for rows x n blocks. */
+static inline long vg_gradient_norm_scratch(long rows, long n)
 {
-    double total = 0;
-#pragma omp simd reduction(+ : total)
-    for (long i = 0; i < n; ++i)
-        total += a[i] * b[i];
-    return total;
+    return rows < n ? 1 : n * n;
 }
 
-static inline double vg_dot_f(long n, const float *a, const float *b)
-{
-    double total = 0;
-#pragma omp simd reduction(+ : total)
-    for (long i = 0; i < n; ++i)
-        total += (double)a[i] * (double)b[i];
-    return total;
-}
-
-/* sum_ij (g_i . g_j)(u_i . u_j) over the rows of g and u (rows, n): the squared Frobenius norm
-   of g^T u from the two Gram matrices, each pair once. */
-#define VG_GRAM_PRODUCT(SFX, T)                                                           \
-    static inline double vg_gram_product_##SFX(long rows, long n, const T *g, const T *u) \
-    {                                                                                     \
-        double total = 0;                                                                 \
-        for (long j = 0; j < rows; ++j) {                                                 \
-            for (long i = 0; i < j; ++i)                                                  \
-                total += 2.0 * vg_dot_##SFX(n, g + j * n, g + i * n)                      \
-                         * vg_dot_##SFX(n, u + j * n, u + i * n);                         \
-            total += vg_dot_##SFX(n, g + j * n, g + j * n) * vg_dot_##SFX(n, u + j * n, u + j * n); \
-        }                                                                                 \
-        return total;                                                                     \
+/* ||g^T u||_F^2 for g, u (rows, n) row-major.  rows < n: sum_ij (g_i . g_j)(u_i . u_j), each pair
+   once, both dot products in one vectorised pass (`omp simd` reductions: a fixed order per clone);
+   rows >= n: the n x n gradient sum_b g_b u_b^T.
+   scratch: vg_gradient_norm_scratch(rows, n) doubles. */
+#define VG_GRADIENT_NORM(SFX, T)                                                              \
+    VG_SWEEP_CLONES static double vg_squared_gradient_norm_##SFX(long rows, long n, const T *g, \
+                                                                 const T *u, double *scratch)  \
+    {                                                                                         \
+        double total = 0;                                                                     \
+        if (rows < n) {                                                                       \
+            for (long i = 0; i < rows; ++i) {                                                 \
+                const T *gi = g + i * n, *ui = u + i * n;                                     \
+                for (long j = 0; j <= i; ++j) {                                               \
+                    const T *gj = g + j * n, *uj = u + j * n;                                 \
+                    double gg = 0, uu = 0;                                                    \
+                    _Pragma("omp simd reduction(+ : gg, uu)")                                 \
+                    for (long k = 0; k < n; ++k) {                                            \
+                        gg += (double)gi[k] * (double)gj[k];                                  \
+                        uu += (double)ui[k] * (double)uj[k];                                  \
+                    }                                                                         \
+                    total += (j < i ? 2.0 : 1.0) * gg * uu;                                   \
+                }                                                                             \
+            }                                                                                 \
+        } else {                                                                              \
+            for (long i = 0; i < n * n; ++i)                                                  \
+                scratch[i] = 0;                                                               \
+            for (long b = 0; b < rows; ++b)                                                   \
+                for (long i = 0; i < n; ++i) {                                                \
+                    double gi = (double)g[b * n + i];                                         \
+                    double *row = scratch + i * n;                                            \
+                    const T *ub = u + b * n;                                                  \
+                    for (long j = 0; j < n; ++j)                                              \
+                        row[j] += gi * (double)ub[j];                                         \
+                }                                                                             \
+            for (long i = 0; i < n * n; ++i)                                                  \
+                total += scratch[i] * scratch[i];                                             \
+        }                                                                                     \
+        return total;                                                                         \
     }
-VG_GRAM_PRODUCT(d, double)
-VG_GRAM_PRODUCT(f, float)
-#undef VG_GRAM_PRODUCT
-
-/* ||sum_b g_b u_b^T||_F^2 with the (n, n) sum formed in `gradient` (scratch, n * n values, in
-   double): for rows >= n, where it is cheaper than the Gram matrices. */
-#define VG_OUTER_PRODUCT(SFX, T)                                                          \
-    static inline double vg_outer_product_##SFX(long rows, long n, const T *g, const T *u, \
-                                                double *gradient)                         \
-    {                                                                                     \
-        double total = 0;                                                                 \
-        for (long i = 0; i < n * n; ++i)                                                  \
-            gradient[i] = 0;                                                              \
-        for (long b = 0; b < rows; ++b)                                                   \
-            for (long i = 0; i < n; ++i) {                                                \
-                double gi = (double)g[b * n + i];                                         \
-                double *row = gradient + i * n;                                           \
-                const T *ub = u + b * n;                                                  \
-                _Pragma("omp simd")                                                       \
-                for (long j = 0; j < n; ++j)                                              \
-                    row[j] += gi * (double)ub[j];                                         \
-            }                                                                             \
-        _Pragma("omp simd reduction(+ : total)")                                          \
-        for (long i = 0; i < n * n; ++i)                                                  \
-            total += gradient[i] * gradient[i];                                           \
-        return total;                                                                     \
-    }
-VG_OUTER_PRODUCT(d, double)
-VG_OUTER_PRODUCT(f, float)
-#undef VG_OUTER_PRODUCT
+VG_GRADIENT_NORM(d, double)
+VG_GRADIENT_NORM(f, float)
+#undef VG_GRADIENT_NORM
 
 #endif /* VG_SWEEP_H */

@@ -27,7 +27,7 @@ after the parallel region, and shapes are checked before it.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, fabs, log
+from libc.math cimport INFINITY, exp, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -43,17 +43,21 @@ from vgcore._ext._layers cimport (
     _layer_norm_product,
     _layer_norm_rows,
     _recompute_pre_norm,
-    _renormalise_rows,
     _rows_times_weight,
     _rows_times_weight_t,
 )
 
 
 cdef extern from "vg_sweep.h" nogil:
-    double vg_gram_product_d(long rows, long n, const double *g, const double *u)
-    double vg_gram_product_f(long rows, long n, const float *g, const float *u)
-    double vg_outer_product_d(long rows, long n, const double *g, const double *u, double *gradient)
-    double vg_outer_product_f(long rows, long n, const float *g, const float *u, double *gradient)
+    long vg_gradient_norm_scratch(long rows, long n)
+    void vg_renormalise_rows_d(long rows, long n, double *g, double *log_scale, double *log_norm_out,
+                               long stride)
+    void vg_renormalise_rows_f(long rows, long n, float *g, double *log_scale, double *log_norm_out,
+                               long stride)
+    double vg_largest_entry_d(long count, const double *a)
+    double vg_largest_entry_f(long count, const float *a)
+    double vg_squared_gradient_norm_d(long rows, long n, const double *g, const double *u, double *scratch)
+    double vg_squared_gradient_norm_f(long rows, long n, const float *g, const float *u, double *scratch)
 
 
 # The tests' way to the MemoryError path (as vgcore._ext._kernels): parallel regions still to let
@@ -83,32 +87,32 @@ cdef void _tile_pieces(Workspace *space, Py_ssize_t depth, Py_ssize_t n, Py_ssiz
     """One thread's workspace for tiles of ``rows`` rows (layout of the buffer: see _run_tile)."""
     buffer[0] = _piece(space, _tile_values(depth, n, batch, rows), <floating> 0)
     log_scale[0] = _piece(space, rows, <double> 0)
-    gradient[0] = _piece(space, n * n if batch >= n else 1, <double> 0)
+    gradient[0] = _piece(space, vg_gradient_norm_scratch(batch, n), <double> 0)
 
 
 cdef inline double _squared_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating *g,
                                           const floating *u, double *gradient) noexcept nogil:
-    """||g^T u||_F^2 for g, u (batch, n): Gram matrices when batch < n, else the n x n sum."""
+    """||g^T u||_F^2 for g, u (batch, n) (csrc/vg_sweep.h); gradient: its scratch."""
     if floating is double:
-        if batch < n:
-            return vg_gram_product_d(batch, n, g, u)
-        else:
-            return vg_outer_product_d(batch, n, g, u, gradient)
+        return vg_squared_gradient_norm_d(batch, n, g, u, gradient)
     else:
-        if batch < n:
-            return vg_gram_product_f(batch, n, g, u)
-        else:
-            return vg_outer_product_f(batch, n, g, u, gradient)
+        return vg_squared_gradient_norm_f(batch, n, g, u, gradient)
 
 
-cdef double _largest_entry(Py_ssize_t count, const floating *a) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double value, largest = 0
-    for i in range(count):
-        value = fabs(<double> a[i])
-        if value > largest:
-            largest = value
-    return largest
+cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, double *log_scale,
+                                   double *log_norm_out, Py_ssize_t stride) noexcept nogil:
+    """_layers._renormalise_rows, vectorised (csrc/vg_sweep.h): the same scaling, summed in another order."""
+    if floating is double:
+        vg_renormalise_rows_d(rows, n, g, log_scale, log_norm_out, stride)
+    else:
+        vg_renormalise_rows_f(rows, n, g, log_scale, log_norm_out, stride)
+
+
+cdef inline double _largest_entry(Py_ssize_t count, const floating *a) noexcept nogil:
+    if floating is double:
+        return vg_largest_entry_d(count, a)
+    else:
+        return vg_largest_entry_f(count, a)
 
 
 cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating *cotangents_h,
@@ -123,7 +127,7 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating
     from csrc/vg_sweep.h instead of BLAS.  g and u (batch, n) are scratch.
     """
     cdef Py_ssize_t b, i
-    cdef double top = log_scale_h[0], weight, total, g_scale, u_scale
+    cdef double top = log_scale_h[0], weight, total, g_scale, u_scale, g_inverse, u_inverse
     for b in range(batch):
         if log_scale_h[b] > top:
             top = log_scale_h[b]
@@ -135,9 +139,11 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating
     u_scale = _largest_entry(batch * n, u_in)
     if g_scale == 0 or u_scale == 0:
         return -INFINITY
+    g_inverse = 1.0 / g_scale
+    u_inverse = 1.0 / u_scale
     for i in range(batch * n):
-        g[i] = <floating> (g[i] / g_scale)
-        u[i] = <floating> (u_in[i] / u_scale)
+        g[i] = <floating> (g[i] * g_inverse)
+        u[i] = <floating> (u_in[i] * u_inverse)
     total = _squared_gradient_norm(batch, n, g, u, gradient)
     if total > 0:
         return top + log(g_scale) + log(u_scale) + 0.5 * log(total)
