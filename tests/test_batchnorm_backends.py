@@ -113,6 +113,22 @@ def test_log_norms_exact_at_depth_and_at_any_scale_of_grad_output():
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_identical_samples_have_exactly_zero_weight_gradients(backend):
+    """d loss / d W_l = g_v^T x_{l-1} and g_v sums to zero over the batch: with identical samples it is 0.
+
+    (Before the weight gradient was formed from the batch-centred input, the
+    compiled Gram-matrix route returned rounding noise as large as e^-1.3.)
+    """
+    stack = vg.Stack.random(4, 6, activation="tanh", norm="batch", residual=0.5, seed=0)
+    profile = vg.gradient_profile(stack, np.ones((3, 6)), backend=backend)
+    assert np.all(np.isfinite(profile.log_grad_norm))
+    if backend == "cpu":  # the centred inputs are exactly zero
+        assert np.all(profile.log_weight_grad_norm == -np.inf)
+    else:  # NumPy's batch mean of equal values may round: what is left is rounding noise
+        assert np.all(profile.log_weight_grad_norm < profile.log_grad_norm.max() - math.log(1e12))
+
+
 def test_profiles_carry_the_theory_of_their_batch_size():
     """Profile.chi_theory is batchnorm_chi(activation, B); the stack's own (no B) the large-batch limit."""
     stack = vg.Stack.random(3, 8, activation="relu", norm="batch", seed=0)

@@ -128,14 +128,16 @@ def gradient_profile(weights, biases, x, grad_output, activation_name, residual)
     factor, its Frobenius norm (``renormalised_backward(coupled=True)``), and
     each sample's log norm is the carried log scale plus ``log ||G_b||``:
     exact at any depth.  The weight gradient is ``g_v^T x`` with g_v the
-    cotangent at v = x W^T + b.
+    cotangent at v = x W^T + b, formed as ``g_v^T (x - mean_b x)``.
     """
     _, caches = forward_with_caches(weights, biases, x, activation_name, residual)
 
     def layer_vjp_at(layer, g):
         cache = caches[layer - 1]
         g, g_v = layer_vjp(weights[layer - 1], cache, g, residual)
-        return g, g_v, cache.x
+        # g_v's columns sum to zero over the batch, so g_v^T x = g_v^T (x - mean_b x): the centred
+        # form leaves out a common part that would only cancel (exactly, for identical samples)
+        return g, g_v, cache.x - cache.x.mean(axis=0)
 
     result = renormalised_backward(len(weights), grad_output, layer_vjp_at, coupled=True)
     return {**result, **derivative_statistics(np.stack([cache.derivative for cache in caches]))}

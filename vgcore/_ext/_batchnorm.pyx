@@ -183,28 +183,39 @@ cdef double _weight_gradient_log_norm(Py_ssize_t batch, Py_ssize_t n, const floa
                                       const floating *x, floating *scratch) noexcept nogil:
     """log ||g_v^T x||_F of one layer (g_v, x (B, n)); -inf when it is exactly 0.
 
-    x is scaled to unit largest row first, so its squares cannot overflow.
+    Every column of g_v sums to zero over the batch (BN's VJP removes the
+    batch mean), so g_v^T x = g_v^T (x - mean_b x): x is centred first, which
+    removes the part that would only cancel (samples that share most of
+    their input, identical samples at the extreme, whose gradient is exactly
+    zero), then scaled to unit largest row, so its squares cannot overflow.
     With fewer samples than features the squared norm comes from the two
-    Gram matrices, ||g_v^T x||_F^2 = sum_ab (g_v g_v^T)_ab (x x^T)_ab, without
-    forming the (n, n) gradient.  scratch: B n + 2 min(B, n)^2 values.
+    Gram matrices, ||g_v^T u||_F^2 = sum_ab (g_v g_v^T)_ab (u u^T)_ab, without
+    forming the (n, n) gradient.  scratch: B n + 2 min(B, n)^2 + n values.
     """
     cdef bint use_gram = batch < n
     cdef Py_ssize_t a, b, i, square = batch * batch if use_gram else n * n
     cdef floating *u = scratch
     cdef floating *gram_g = u + batch * n
     cdef floating *gram_u = gram_g + square
+    cdef floating *mean = gram_u + square
     cdef double largest = 0, row, total = 0
+    for i in range(n):
+        row = 0
+        for b in range(batch):
+            row = row + x[b * n + i]
+        mean[i] = <floating> (row / batch)
     for b in range(batch):
         row = 0
         for i in range(n):
-            row = row + <double> x[b * n + i] * x[b * n + i]
+            u[b * n + i] = x[b * n + i] - mean[i]
+            row = row + <double> u[b * n + i] * u[b * n + i]
         if row > largest:
             largest = row
     largest = sqrt(largest)
     if largest == 0:
         return -INFINITY
     for i in range(batch * n):
-        u[i] = <floating> (x[i] / largest)
+        u[i] = <floating> (u[i] / largest)
     if use_gram:
         _gram_upper(batch, n, g_v, gram_g)
         _gram_upper(batch, n, u, gram_u)
@@ -226,7 +237,7 @@ cdef double _weight_gradient_log_norm(Py_ssize_t batch, Py_ssize_t n, const floa
 def weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t n):
     """Values of scratch one thread's weight-gradient norm needs."""
     cdef Py_ssize_t square = batch * batch if batch < n else n * n
-    return batch * n + 2 * square
+    return batch * n + 2 * square + n
 
 
 # ---------------------------------------------------------------------------

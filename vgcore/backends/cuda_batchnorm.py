@@ -197,13 +197,17 @@ def _gradient_profile(layers: _Layers, x, grad_output) -> dict:
 
 
 def _weight_gradient_log_norms(cotangents_v, inputs):
-    """log ||g_v^T x||_F per layer, (L,) float64, as the CPU kernel: x scaled to unit largest row.
+    """log ||g_v^T x||_F per layer, (L,) float64, as the CPU kernel.
 
-    From the (B, B) Gram matrices when B < n, else from the (n, n) gradients.
+    The columns of g_v sum to zero over the batch, so x is centred over the
+    batch first (what would only cancel goes), then scaled to unit largest
+    row; from the (B, B) Gram matrices when B < n, else from the (n, n) gradients.
     """
-    largest = cupy.sqrt(cupy.square(inputs.astype(np.float64)).sum(axis=2).max(axis=1))  # (L,)
+    dtype = inputs.dtype
+    centred = inputs - inputs.astype(np.float64).mean(axis=1, keepdims=True).astype(dtype)
+    largest = cupy.sqrt(cupy.square(centred.astype(np.float64)).sum(axis=2).max(axis=1))  # (L,)
     safe = cupy.where(largest > 0, largest, 1.0)
-    scaled = (inputs / safe[:, None, None].astype(inputs.dtype)).astype(inputs.dtype)
+    scaled = (centred / safe[:, None, None].astype(dtype)).astype(dtype)
     batch, width = inputs.shape[1], inputs.shape[2]
     if batch < width:
         gram_g = cupy.matmul(cotangents_v, cotangents_v.transpose(0, 2, 1))
