@@ -30,7 +30,7 @@ samples, run afterwards in parallel over steps.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, fabs, log, sqrt
+from libc.math cimport INFINITY, exp, fabs, frexp, ldexp, log, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dsyrk, dtrsm
@@ -229,15 +229,33 @@ def forward(int cell, int activation, const floating[:, ::1] weight_hh, const fl
 # ---------------------------------------------------------------------------
 
 cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
+    """The largest row norm of a (rows, n), for any finite scale of a (vgcore._ext._kernels' twin).
+
+    Entries are scaled by the power of two that brings the largest into [0.5, 1)
+    before squaring (a plain sum of squares is 0 for rows below 1e-154, which
+    would make the weight-gradient norm -inf where the step's hidden state is tiny).
+    """
     cdef Py_ssize_t r, i
-    cdef double total, largest = 0
+    cdef double total, value, largest = 0, biggest = 0, unit
+    cdef int exponent
+    for i in range(rows * n):
+        value = fabs(<double> a[i])
+        if value > biggest:
+            biggest = value
+    if biggest == 0:
+        return 0
+    frexp(biggest, &exponent)
+    if exponent < -1000:  # subnormal entries: 2**-e is not a double; such rows are below any weight
+        return biggest
+    unit = ldexp(1.0, -exponent)
     for r in range(rows):
         total = 0
         for i in range(n):
-            total = total + <double> a[r * n + i] * a[r * n + i]
+            value = <double> a[r * n + i] * unit
+            total = total + value * value
         if total > largest:
             largest = total
-    return sqrt(largest)
+    return ldexp(sqrt(largest), exponent)
 
 
 def weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n):
