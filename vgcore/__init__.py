@@ -20,9 +20,8 @@ from vgcore._profile import Profile
 from vgcore._recurrent import Recurrent
 from vgcore._stack import Stack
 from vgcore._utils import random_inputs
-from vgcore.sweep import SweepResult, sweep
-
 from vgcore._version import __version__
+from vgcore.sweep import SweepResult, sweep
 
 # Submodules imported on first use: `vgcore.torch` must never import torch
 # before it is asked for, and the others keep `import vgcore` quick.
