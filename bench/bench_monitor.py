@@ -157,12 +157,12 @@ def summarise(label: str, runs: dict[str, list[list[float]]], inside: list[float
         paired = statistics.median(
             statistics.median(r) / statistics.median(b) for r, b in zip(rounds, runs["bare"], strict=True)
         )
-        print(f"{label + ' ' + name:<34}{median * 1e3:>14.3f}{median / bare:>14.3f}{paired:>18.3f}")
+        print(f"{label + ' ' + name:<34}{median * 1e3:>18.3f}{median / bare:>10.3f}{paired:>22.3f}")
     if inside:
         steps = sum(len(run) for run in runs["monitor"]) or 1
         share = sum(inside) / steps / bare
-        print(f"{label + ' time inside the callback':<34}{sum(inside) / steps * 1e3:>14.3f}{1 + share:>14.3f}"
-              f"{'(in-callback share)':>18}")
+        print(f"{label + ' time inside the callback':<34}{sum(inside) / steps * 1e3:>18.3f}{1 + share:>10.3f}"
+              f"{'(bare + in-callback)':>22}")
 
 
 def lightning_runs(rounds: int, steps: int, warmup: int) -> None:
@@ -343,14 +343,14 @@ def jax_runs(steps: int, warmup: int) -> None:
     for name in names:
         median = statistics.median(times[name])
         paired = statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
-        print(f"{'jax ' + name:<34}{median * 1e3:>14.3f}{median / bare:>14.3f}{paired:>18.3f}")
+        print(f"{'jax ' + name:<34}{median * 1e3:>18.3f}{median / bare:>10.3f}{paired:>22.3f}")
 
 
 def frameworks(selected: list[str], rounds: int, steps: int) -> None:
     print(f"\nframeworks: {FRAMEWORK_BLOCKS}-block residual MLP (width {FRAMEWORK_WIDTH}, "
           f"batch {FRAMEWORK_BATCH}), AdamW; monitor logging every step; "
           f"torch {torch.get_num_threads()} threads")
-    print(f"{'variant':<34}{'median step (ms)':>14}{'ratio':>14}{'median paired ratio':>18}")
+    print(f"{'variant':<34}{'median step (ms)':>18}{'ratio':>10}{'median paired ratio':>22}")
     for name in selected:
         module = {"lightning": "lightning", "transformers": "transformers", "jax": "optax"}[name]
         if importlib.util.find_spec(module) is None:
