@@ -274,11 +274,12 @@ def test_orthogonal_linear_rnn_keeps_every_exponent_at_log_gain():
     np.testing.assert_allclose(growth / 50, math.log(gain), rtol=0, atol=1e-13)
 
 
-def test_log_norms_are_exact_at_100000_steps():
-    """0.7 x orthogonal linear RNN: log ||d loss / d s_t|| = log ||g|| + (T - t) ln 0.7 at T = 1e5,
-    where 0.7^1e5 underflows; a one-sample step contribution g_hh h_{t-1}^T to d loss / d W_hh is
-    rank one, log ||g|| + log ||s_0|| + (T - 1) ln 0.7 at every step."""
-    steps, width = 100_000, 3
+def test_log_norms_are_exact_at_20000_steps():
+    """0.7 x orthogonal linear RNN: log ||d loss / d s_t|| = log ||g|| + (T - t) ln 0.7 at T = 2e4,
+    where 0.7^2e4 underflows; a one-sample step contribution g_hh h_{t-1}^T to d loss / d W_hh is
+    rank one, log ||g|| + log ||s_0|| + (T - 1) ln 0.7 at every step.  (T = 1e5: the compiled
+    backend's test, held to the same closed form.)"""
+    steps, width = 20_000, 3
     model = _orthogonal_linear_rnn(width, 0.7, seed=9)
     s0 = np.random.default_rng(10).standard_normal((1, width))
     g = np.random.default_rng(11).standard_normal((1, width))
@@ -286,8 +287,8 @@ def test_log_norms_are_exact_at_100000_steps():
     expected = np.log(np.linalg.norm(g)) + (steps - np.arange(steps + 1)) * math.log(0.7)
     assert np.all(np.isfinite(profile["log_grad_norm"]))
     assert np.exp(profile["log_grad_norm"][0, 0]) == 0.0  # the plain norm underflows
-    # rtol 1e-11: the log scale is a running float64 sum of 1e5 terms of about -0.36 reaching
-    # -3.6e4, and each addition rounds by up to half an ulp of the total (3.6e-12)
+    # rtol 1e-11: the log scale is a running float64 sum of T terms of about -0.36 reaching
+    # -7e3, and each addition rounds by up to half an ulp of the total
     np.testing.assert_allclose(profile["log_grad_norm"][0], expected, rtol=1e-11)
     expected_weight = np.log(np.linalg.norm(g)) + np.log(np.linalg.norm(s0)) + (steps - 1) * math.log(0.7)
     # while the forward state h_{t-1} = (0.7 Q)^(t-1) s_0 is representable (it underflows to 0
