@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import special
 
 #: Leaky ReLU's slope for h < 0 (VG_LEAKY_SLOPE).
 LEAKY_SLOPE = 0.01
@@ -150,6 +149,8 @@ def activation(name: str, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         value = SELU_SCALE * np.where(h > 0, h, SELU_ALPHA * np.expm1(negative))
         derivative = SELU_SCALE * np.where(h > 0, 1.0, SELU_ALPHA * np.exp(negative))
     elif name == "gelu":
+        from scipy import special  # on first use: `import vgcore` stays quick
+
         cdf = 0.5 * special.erfc(-h / np.sqrt(2.0))
         pdf = np.exp(-0.5 * h * h) / np.sqrt(2.0 * np.pi)
         value, derivative = h * cdf, cdf + h * pdf
@@ -161,6 +162,8 @@ def activation(name: str, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         value = np.maximum(h, 0.0) + np.log1p(np.exp(-np.abs(h)))
         derivative = s
     elif name == "erf":
+        from scipy import special
+
         value = special.erf(h)
         derivative = 2.0 / np.sqrt(np.pi) * np.exp(-h * h)
     else:

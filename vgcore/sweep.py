@@ -692,16 +692,64 @@ def _arrow_schema():
     return pa.schema(fields)
 
 
-def _key_column(key: GridKey, values: list, index: np.ndarray):
-    """A grid key's column: its canonical values taken by index (None: NaN or missing)."""
+# Arrays are built from buffers: pyarrow.array() imports pandas (about 0.3 s) to check its argument,
+# which the command line never otherwise needs.
+
+
+def _numeric_array(values: np.ndarray, missing: np.ndarray | None = None):
+    """An int64 / float64 Arrow array over ``values`` (copied contiguous), None where ``missing``."""
     import pyarrow as pa
 
+    values = np.ascontiguousarray(values)
+    kind = pa.int64() if values.dtype.kind in "iu" else pa.float64()
+    values = values.astype(np.int64 if values.dtype.kind in "iu" else np.float64, copy=False)
+    validity = None
+    if missing is not None and missing.any():
+        validity = pa.py_buffer(np.packbits(~missing, bitorder="little"))
+    return pa.Array.from_buffers(kind, len(values), [validity, pa.py_buffer(values)])
+
+
+def _string_array(values: list):
+    """An Arrow string array of Python strings (None: missing)."""
+    import pyarrow as pa
+
+    encoded = [b"" if v is None else v.encode() for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in encoded], out=offsets[1:])
+    missing = np.array([v is None for v in values], dtype=bool)
+    validity = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
+def _int64_column(table, name: str) -> np.ndarray:
+    """An int64 column without nulls as a NumPy array (ChunkedArray.to_numpy imports pandas)."""
+    parts = []
+    for chunk in table.column(name).chunks:
+        data = np.frombuffer(chunk.buffers()[1], dtype=np.int64)
+        parts.append(data[chunk.offset:chunk.offset + len(chunk)])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _sorted_by_row(tables: list, schema):
+    """The tables' rows in row order, as one table."""
+    import pyarrow as pa
+
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables)
+    order = np.argsort(_int64_column(table, "_row"), kind="stable")
+    return table.take(_numeric_array(order))
+
+
+def _key_column(key: GridKey, values: list, index: np.ndarray):
+    """A grid key's column: its canonical values taken by index (None: NaN or missing)."""
     if key.arrow == "float64":
         table = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
-        return pa.array(table[index], type=pa.float64())
+        return _numeric_array(table[index])
     if key.arrow == "int64":
-        return pa.array(np.asarray(values, dtype=np.int64)[index], type=pa.int64())
-    return pa.array(values, type=pa.string()).take(pa.array(index))
+        return _numeric_array(np.asarray(values, dtype=np.int64)[index])
+    return _string_array([values[i] for i in index.tolist()])
 
 
 #: Keys that fix a row's resolved sigma_w and its chi_theory.
@@ -757,7 +805,7 @@ def _table(decoded: _Rows, grid: dict[str, list], profiles: _Profiles, batch: in
     import pyarrow as pa
 
     count = decoded.rows.size
-    columns: dict[str, Any] = {"_row": pa.array(decoded.rows, type=pa.int64())}
+    columns: dict[str, Any] = {"_row": _numeric_array(decoded.rows)}
     for key in GRID_SPEC:
         if key.name != "sigma_w":  # below: a scheme name resolved to its number
             columns[key.name] = _key_column(key, grid[key.name], decoded.index[key.name])
@@ -768,8 +816,8 @@ def _table(decoded: _Rows, grid: dict[str, list], profiles: _Profiles, batch: in
     sigma_w_unique, chi_theory_unique = _sigma_w_and_theory(unique, grid, batch)
     sigma_w = sigma_w_unique[inverse.reshape(-1)]
     chi_theory = chi_theory_unique[inverse.reshape(-1)]
-    columns["sigma_w"] = pa.array(sigma_w, type=pa.float64())
-    columns["seed"] = pa.array(decoded.seed, type=pa.int64())
+    columns["sigma_w"] = _numeric_array(sigma_w)
+    columns["seed"] = _numeric_array(decoded.seed)
 
     statistics = {name: np.full(count, np.nan) for name in STAT_COLUMNS}
     statistics["vanishing_depth"] = np.full(count, -1, dtype=np.int64)
@@ -788,12 +836,12 @@ def _table(decoded: _Rows, grid: dict[str, list], profiles: _Profiles, batch: in
     for name in STAT_COLUMNS:
         if name == "vanishing_depth":
             values = statistics[name]
-            columns[name] = pa.array(values, type=pa.int64(), mask=values < 0)
+            columns[name] = _numeric_array(values, missing=values < 0)
         else:
-            columns[name] = pa.array(statistics[name], type=pa.float64())
-    columns["log_grad_norm"] = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int64()).cast(pa.int32())
-                                                        if offsets[-1] < 2**31 else pa.array(offsets),
-                                                        pa.array(curves, type=pa.float64()))
+            columns[name] = _numeric_array(statistics[name])
+    columns["log_grad_norm"] = pa.Array.from_buffers(
+        pa.list_(pa.float64()), count, [None, pa.py_buffer(offsets.astype(np.int32))],
+        children=[_numeric_array(curves)])
     schema = _arrow_schema()
     return pa.Table.from_arrays([columns[name].cast(schema.field(name).type) for name in schema.names],
                                 schema=schema)
@@ -877,8 +925,7 @@ class SweepResult:
         self.computed = computed
         self.seconds = seconds
         if rows is None:
-            rows = (np.arange(len(frame)) if table is None
-                    else np.asarray(table.column("_row").to_numpy(), dtype=np.int64))
+            rows = np.arange(len(frame)) if table is None else _int64_column(table, "_row")
         self.rows = rows
 
     @property
@@ -1140,9 +1187,11 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
                             metadata={"vgcore_version": __version__, "columns": list(COLUMNS)})
     try:
         done = np.zeros(total, dtype=bool)
-        if opened is not None:
+        # a fresh store (or none) has nothing to read: this call's chunks are the whole result
+        fresh = opened is None or not opened.part_paths()
+        if not fresh:
             finished = opened.read_table(schema, columns=["_row"])
-            done[finished.column("_row").to_numpy()] = True
+            done[_int64_column(finished, "_row")] = True
         pending = _ordered_pending(np.flatnonzero(~done), grid, seeds)
         distributed, owned = _client(client)
         try:
@@ -1160,7 +1209,7 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
                 for table in _results(chunks, grid, seeds, batch, backend, group_size, distributed):
                     if opened is not None:
                         opened.write_part(table)
-                    else:
+                    if fresh:
                         tables.append(table)
                     if bar is not None:
                         bar.update(table.num_rows)
@@ -1170,12 +1219,10 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
         finally:
             if owned:
                 distributed.close()
-        if opened is not None:
-            table = opened.read_table(schema)
-        else:
-            import pyarrow as pa
-
-            table = pa.concat_tables(tables).sort_by("_row") if tables else schema.empty_table()
+        if opened is not None and not fresh:
+            table = opened.read_table(schema)  # earlier runs' rows too
+        else:  # every row is in this call's chunks
+            table = _sorted_by_row(tables, schema)
     finally:
         if opened is not None:
             opened.close()
