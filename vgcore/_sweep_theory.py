@@ -34,6 +34,8 @@ from vgcore._activations import activation as activation_values
 #: Newton stops when a step is below this fraction of q: a few ulps, where the rounding of F(q) - q
 #: keeps quadratically converged steps (Brent's rtol in vgcore.theory is 4 eps).
 _RTOL = 64.0 * np.finfo(float).eps
+#: Rows of quadrature evaluated at once (a block's temporaries stay in cache).
+_BLOCK_ROWS = 256
 #: Where |dF/dq - 1| at the root is below this, the root is ill-conditioned: the scalar solver decides.
 _CONDITION = 1e-3
 
@@ -51,43 +53,54 @@ def _expect(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (values * weights).sum(axis=1)
 
 
-def _moments(name: str, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(phi2, dphi2, slope) of vgcore.theory._moments for an array of q > 0, vectorised."""
+def _moments(name: str, q: np.ndarray, need_dphi2: bool = True,
+             need_phi2: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(phi2, dphi2, slope) of vgcore.theory._moments for an array of q > 0, vectorised.
+
+    The q of one rule scale are evaluated together, below and above q = 1
+    (theory's _DIRECT_BELOW) separately, in blocks of rows that stay in cache;
+    a moment not needed is left NaN.
+    """
     s_plus, c_plus, s_minus, c_minus = theory._ASYMPTOTES[name]
     kappa = theory._kappa(name)
     root_q = np.sqrt(q)
     odd = s_plus * c_plus - s_minus * c_minus
-    phi2 = np.empty_like(q)
-    dphi2 = np.empty_like(q)
+    phi2 = np.full_like(q, np.nan)
+    dphi2 = np.full_like(q, np.nan)
     slope = np.empty_like(q)
     # the scalar code's scale is min(1, 1/sqrt q); level k uses 2^-k <= that scale
     levels = np.maximum(0, np.ceil(np.log2(np.maximum(root_q, 1.0)) - 1e-12)).astype(int)
+    direct_rows = q < theory._DIRECT_BELOW
     for level in np.unique(levels):
-        chosen = np.flatnonzero(levels == level)
         z, weights = _rule(int(level))
-        r = root_q[chosen][:, None]
-        h = r * z[None, :]
-        value, derivative = activation_values(name, h)
-        positive = h > 0
-        slope_r = np.where(positive, s_plus, s_minus)
-        line = slope_r * h + np.where(positive, c_plus, c_minus)
-        dphi2[chosen] = _expect(derivative * derivative - slope_r * slope_r, weights)
-        qs = q[chosen]
-        direct = qs < theory._DIRECT_BELOW
-        phi2_direct = _expect(value * value, weights) - kappa * qs
-        slope_direct = _expect(value * derivative * z, weights) / r[:, 0] - kappa
-        r2_excess = 2.0 * odd * r[:, 0] / theory._SQRT_2PI + 0.5 * (c_plus * c_plus + c_minus * c_minus)
-        rslope_excess = odd / (theory._SQRT_2PI * r[:, 0])
-        remainder = _expect((value - line) * (value + line), weights)
-        slope_far = rslope_excess + _expect((value * derivative - line * slope_r) * z, weights) / r[:, 0]
-        phi2[chosen] = np.where(direct, phi2_direct, r2_excess + remainder)
-        slope[chosen] = np.where(direct, slope_direct, slope_far)
+        for direct in (True, False):
+            rows = np.flatnonzero((levels == level) & (direct_rows == direct))
+            for start in range(0, rows.size, _BLOCK_ROWS):
+                chosen = rows[start:start + _BLOCK_ROWS]
+                r = root_q[chosen]
+                h = r[:, None] * z[None, :]
+                value, derivative = activation_values(name, h)
+                positive = h > 0
+                slope_r = np.where(positive, s_plus, s_minus) if need_dphi2 or not direct else None
+                if need_dphi2:
+                    dphi2[chosen] = _expect(derivative * derivative - slope_r * slope_r, weights)
+                if direct:
+                    if need_phi2:
+                        phi2[chosen] = _expect(value * value, weights) - kappa * q[chosen]
+                    slope[chosen] = _expect(value * derivative * z, weights) / r - kappa
+                    continue
+                line = slope_r * h + np.where(positive, c_plus, c_minus)
+                if need_phi2:
+                    r2_excess = 2.0 * odd * r / theory._SQRT_2PI + 0.5 * (c_plus * c_plus + c_minus * c_minus)
+                    phi2[chosen] = r2_excess + _expect((value - line) * (value + line), weights)
+                slope[chosen] = (odd / (theory._SQRT_2PI * r)
+                                 + _expect((value * derivative - line * slope_r) * z, weights) / r)
     return phi2, dphi2, slope
 
 
 def _excess(name: str, q: np.ndarray, var_w: np.ndarray, var_b: np.ndarray, lead: np.ndarray):
     """F(q) - q and dF/dq - 1 (as vgcore.theory._excess), vectorised."""
-    phi2, _, slope = _moments(name, q)
+    phi2, _, slope = _moments(name, q, need_dphi2=False)
     return lead * q + var_w * phi2 + var_b, lead + var_w * slope
 
 
@@ -207,7 +220,7 @@ def chi1_many(activation: str, sigma_w: np.ndarray, sigma_b: np.ndarray) -> np.n
 
     index = np.flatnonzero(~scalar)
     if index.size:
-        _, dphi2, slope = _moments(name, q[index])
+        _, dphi2, slope = _moments(name, q[index], need_phi2=False)
         # an ill-conditioned root (dF/dq near 1): the scalar solver decides
         scalar[index[np.abs(lead[index] + var_w[index] * slope) < _CONDITION]] = True
         chi1_minus_1 = lead[index] + var_w[index] * dphi2
