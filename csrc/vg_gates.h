@@ -21,7 +21,7 @@
  *           tanh'(c')] (E = 2 n), gru W_hn h + b_hn (E = n), rnn none.
  * The unit functions below compute column j of one row; the host block loops
  * run them over (rows, n).  The per-unit arithmetic follows the NumPy
- * reference (vgcore/_reference_recurrent.py) operation for operation.
+ * reference (vgcore/reference/recurrent.py) operation for operation.
  */
 #ifndef VG_GATES_H
 #define VG_GATES_H

@@ -6,7 +6,7 @@ gradient norms by a fixed factor chi > 1 per layer towards the input,
 whatever sigma_w, and that chi grows as the batch shrinks: (B - 2) / (B - 3)
 for a linear network, pi / (pi - 1) ~ 1.47 for relu as B -> inf
 (vg.theory.batchnorm_chi; the finite-B relu form is derived in
-vgcore/_theory_batchnorm.py).  This script measures it:
+vgcore/theory/batchnorm.py).  This script measures it:
 
 1. gradient profiles of 60-layer, width-512 stacks with norm="batch" (linear
    and relu, sigma_w sqrt 2) at batch sizes 4 .. 256, the per-layer growth

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference, _reference_spectra
 from vgcore._activations import DERIVATIVE_JUMPS
+from vgcore.reference import spectra as spectra_reference
+from vgcore.reference import stack as stack_reference
 
 # Deterministic by default (CI): derandomised, no example database, no deadline.
 # VGCORE_HYPOTHESIS=thorough explores more (and randomly) for local runs.
@@ -206,8 +207,8 @@ def kinks_determined(stack, x):
     pre_activations = []
     for dtype in (np.float32, np.float64):
         probe = recast(stack, dtype)
-        _, caches = _reference.forward_with_caches(probe.weights, probe.biases, np.asarray(x, dtype),
-                                                   probe.activation, probe.residual, probe.norm)
+        _, caches = stack_reference.forward_with_caches(probe.weights, probe.biases, np.asarray(x, dtype),
+                                                        probe.activation, probe.residual, probe.norm)
         pre_activations.append([np.asarray(cache.u, np.float64) @ np.asarray(weight, np.float64).T + bias
                                 for cache, weight, bias in zip(caches, stack.weights, stack.biases,
                                                                strict=True)])
@@ -220,8 +221,8 @@ def kinks_determined(stack, x):
 
 def layer_jacobians(stack, x):
     """Each layer's own Jacobian J_l(x_{l-1}), (L, B, n, n), through one-layer stacks."""
-    _, caches = _reference.forward_with_caches(stack.weights, stack.biases, x, stack.activation,
-                                               stack.residual, stack.norm)
+    _, caches = stack_reference.forward_with_caches(stack.weights, stack.biases, x, stack.activation,
+                                                    stack.residual, stack.norm)
     inputs = [x] + [cache.out for cache in caches[:-1]]
     return np.stack([
         vg.jacobian(vg.Stack(stack.weights[l:l + 1], stack.biases[l:l + 1], activation=stack.activation,
@@ -251,7 +252,7 @@ def determined_directions(stack, x, k, low, high):
     agree = finite & (gap <= 1e-2 * np.maximum(1.0, np.abs(high)))
     exact = recast(stack, np.float64)
     x = np.asarray(x, np.float64)
-    per_layer = _reference_spectra.lyapunov_log_growth(exact.weights, exact.biases, x, k, exact.activation,
+    per_layer = spectra_reference.lyapunov_log_growth(exact.weights, exact.biases, x, k, exact.activation,
                                                        exact.residual, exact.norm, per_layer=True)
     norms = np.linalg.norm(layer_jacobians(exact, x), ord=2, axis=(2, 3))  # (L, B)
     with np.errstate(divide="ignore"):

@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference_recurrent as reference
 from vgcore._activations import ACTIVATIONS, NOT_SMOOTH_AT_ZERO
 from vgcore._recurrent import CELLS, Recurrent
+from vgcore.reference import recurrent as reference
 
 DTYPES = [np.float32, np.float64]
 

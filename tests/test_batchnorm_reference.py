@@ -1,4 +1,4 @@
-"""The batch-norm reference (vgcore._reference_batchnorm) against finite differences and torch autograd.
+"""The batch-norm reference (vgcore.reference.batchnorm) against finite differences and torch autograd.
 
 The compiled and GPU batch-norm paths are tested against this reference; this
 file is why it can be trusted.  Samples are coupled through the batch
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from vgcore import _reference_batchnorm as ref
 from vgcore._activations import ACTIVATIONS, NOT_SMOOTH_AT_ZERO
+from vgcore.reference import batchnorm as ref
 
 STEP = 1e-6
 

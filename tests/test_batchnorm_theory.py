@@ -10,7 +10,7 @@ import pytest
 
 import vgcore as vg
 from vgcore._activations import activation
-from vgcore._theory_batchnorm import batchnorm_chi
+from vgcore.theory.batchnorm import batchnorm_chi
 
 
 def _sphere_chi(name: str, batch: int, samples: int, seed: int) -> float:

@@ -28,8 +28,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference
 from vgcore._activations import ACTIVATION_CODES, ACTIVATIONS, activation
+from vgcore.reference import stack as stack_reference
 
 # The host cases repeat what test_kernels checks at length; the device cases are the point.
 EXAMPLES = 100 if CUDA else 15
@@ -270,8 +270,8 @@ def test_dlpack_cuda_tensor_is_used_without_copying():
     assert stack.weights.data.ptr == weights.data_ptr()
     assert stack.biases.data.ptr == biases.data_ptr()
     result = vg.forward(stack, x)
-    expected = _reference.forward(weights.cpu().numpy(), biases.cpu().numpy(), x.cpu().numpy(), "tanh",
-                                  None, None)
+    expected = stack_reference.forward(weights.cpu().numpy(), biases.cpu().numpy(), x.cpu().numpy(), "tanh",
+                                       None, None)
     np.testing.assert_allclose(host(result), expected, rtol=1e-10, atol=1e-12)
 
 

@@ -202,10 +202,10 @@ def test_lyapunov_spectrum_of_a_chaotic_rnn_matches_the_reference(k):
     reference = vg.lyapunov_exponents(model, s0, k, steps=60, warmup=10, backend="numpy")
     np.testing.assert_allclose(compiled, reference, rtol=1e-9, atol=1e-11)
     if k == 48:  # the volume identity: the exponents sum to the mean log|det| of the step Jacobians
-        from vgcore import _reference_recurrent
+        from vgcore.reference import recurrent as recurrent_reference
 
-        inputs_free = _reference_recurrent.forward(model, s0, 10, None)  # the state after the warm-up
-        jacobians = _reference_recurrent.step_jacobians(model, inputs_free, 60, None)
+        inputs_free = recurrent_reference.forward(model, s0, 10, None)  # the state after the warm-up
+        jacobians = recurrent_reference.step_jacobians(model, inputs_free, 60, None)
         _, log_det = np.linalg.slogdet(jacobians)
         np.testing.assert_allclose(compiled.sum(axis=1), log_det.mean(axis=0), rtol=1e-9)
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from recurrent_strategies import kinked, pre_activations, recurrent_cases
 
 import vgcore as vg
-from vgcore import _reference_recurrent as reference
 from vgcore._recurrent import Recurrent
+from vgcore.reference import recurrent as reference
 
 STEP = 1e-6
 

@@ -13,8 +13,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import vgcore as vg
-from vgcore import _reference
 from vgcore._activations import ACTIVATIONS, NOT_SMOOTH_AT_ZERO, activation
+from vgcore.reference import stack as stack_reference
 
 STEP = 1e-6
 
@@ -27,9 +27,9 @@ def _pre_activations(stack, x):
     """Every layer's h (L, B, n), to keep finite differences away from kinks."""
     hs = []
     for weight, bias in zip(stack.weights, stack.biases, strict=True):
-        u = _reference.layer_norm(x)[0] if stack.norm == "pre" else x
+        u = stack_reference.layer_norm(x)[0] if stack.norm == "pre" else x
         hs.append(u @ weight.T + bias)
-        x, _ = _reference.layer_forward(weight, bias, x, stack.activation, stack.residual, stack.norm)
+        x, _ = stack_reference.layer_forward(weight, bias, x, stack.activation, stack.residual, stack.norm)
     return np.stack(hs)
 
 
@@ -117,7 +117,7 @@ def _loss_from_layer(stack, layer, x_layer, g, weights=None):
     weights = stack.weights if weights is None else weights
     out = x_layer
     for w, b in zip(weights[layer:], stack.biases[layer:], strict=True):
-        out, _ = _reference.layer_forward(w, b, out, stack.activation, stack.residual, stack.norm)
+        out, _ = stack_reference.layer_forward(w, b, out, stack.activation, stack.residual, stack.norm)
     return float(np.sum(out * g))
 
 
@@ -130,7 +130,8 @@ def test_gradient_profile_matches_finite_differences(case, seed):
     profile = vg.gradient_profile(stack, x, g, backend="numpy")
     xs = [x]
     for w, b in zip(stack.weights, stack.biases, strict=True):
-        xs.append(_reference.layer_forward(w, b, xs[-1], stack.activation, stack.residual, stack.norm)[0])
+        xs.append(stack_reference.layer_forward(w, b, xs[-1], stack.activation, stack.residual,
+                                                stack.norm)[0])
     for layer in range(stack.depth + 1):
         gradient = np.empty_like(x)
         for index in np.ndindex(*x.shape):
@@ -215,7 +216,7 @@ def test_saturation_and_dead_units_closed_form():
 
 def test_layer_norm_matches_definition():
     v = np.random.default_rng(10).standard_normal((3, 7))
-    normalised, inv_std = _reference.layer_norm(v)
+    normalised, inv_std = stack_reference.layer_norm(v)
     expected = (v - v.mean(1, keepdims=True)) / np.sqrt(v.var(1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(normalised, expected, rtol=1e-14)
     np.testing.assert_allclose(inv_std[:, 0], 1 / np.sqrt(v.var(1) + 1e-5), rtol=1e-14)

@@ -394,9 +394,9 @@ class Recurrent:
         so chi = sigmoid(forget_bias)^2 (:func:`vgcore.theory.gated_log_decay`).
         """
         if self._chi_theory is None:
-            from vgcore import _theory_recurrent
+            from vgcore.theory import recurrent as recurrent_theory
 
-            self._chi_theory = _theory_recurrent.model_chi(self)
+            self._chi_theory = recurrent_theory.model_chi(self)
         return self._chi_theory
 
     def chi_theory_at(self, problem: Problem) -> float:

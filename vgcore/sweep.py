@@ -778,7 +778,7 @@ def _sigma_w_and_theory(unique: np.ndarray, grid: dict[str, list],
         applies[number] = dense_plain and grid["norm"][i_norm] is None
         if dense_plain and grid["norm"][i_norm] == "batch":  # Stack.chi_theory_at: at the batch size
             batchnorm[number] = activation
-        if grid["cell"][i_cell] != "dense":  # recurrent cells: vgcore._theory_recurrent (time is depth)
+        if grid["cell"][i_cell] != "dense":  # recurrent cells: vgcore.theory.recurrent (time is depth)
             recurrent[number] = (grid["cell"][i_cell], activation, sigma_w[number], sigma_b,
                                  grid["sigma_u"][i_u], grid["input_width"][i_m], grid["forget_bias"][i_f])
     chi_theory = np.full(len(unique), np.nan)
@@ -793,7 +793,7 @@ def _sigma_w_and_theory(unique: np.ndarray, grid: dict[str, list],
         for number, activation in batchnorm.items():
             chi_theory[number] = float(theory.batchnorm_chi(activation, batch))
     if recurrent:
-        from vgcore._theory_recurrent import sweep_chi_theory
+        from vgcore.theory.recurrent import sweep_chi_theory
 
         for number, options in recurrent.items():
             chi_theory[number] = sweep_chi_theory(*options)

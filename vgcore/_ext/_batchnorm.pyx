@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Compiled CPU kernels of batch-normalised stacks (norm="batch"): forward, gradient profile, JVP, VJP.
 
-The layer (vgcore._reference_batchnorm is its plain twin):
+The layer (vgcore.reference.batchnorm is its plain twin):
 
     v = x @ W.T + b;   h = BN(v) over the batch, per feature;   f = phi(h);
     x' = x + residual * f  if has_residual  else f

@@ -1,6 +1,6 @@
 """The CuPy backend of recurrent models: every computation on an NVIDIA GPU.
 
-The algorithms are those of the NumPy reference (vgcore._reference_recurrent)
+The algorithms are those of the NumPy reference (vgcore.reference.recurrent)
 and of the compiled CPU kernels (vgcore._ext._recurrent), batched over
 samples (and over all k vectors of every sample) on the device:
 

@@ -1,6 +1,6 @@
 """The CuPy backend: every computation of vgcore on an NVIDIA GPU.
 
-The algorithms are those of the NumPy reference (vgcore._reference) and of the
+The algorithms are those of the NumPy reference (vgcore.reference.stack) and of the
 compiled CPU kernels (vgcore._ext._kernels), batched over samples on the device:
 
 - matrix products go to cuBLAS through ``cupy.matmul``, one product per layer

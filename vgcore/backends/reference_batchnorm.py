@@ -1,4 +1,4 @@
-"""The NumPy reference backend of batch-normalised stacks (kind "batchnorm"): vgcore._reference_batchnorm.
+"""The NumPy reference backend of batch-normalised stacks (kind "batchnorm"): vgcore.reference.batchnorm.
 
 Implements :class:`vgcore.backends.Backend` with the plain code the tests
 trust.  The batch is one input: jvp / vjp take batch vectors, the k-th being
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgcore import _reference_batchnorm
 from vgcore.backends._batchnorm_common import refuse
+from vgcore.reference import batchnorm as batchnorm_reference
 
 
 def _arguments(problem) -> tuple:
@@ -38,12 +38,12 @@ def _batch_vectors(problem, vectors: np.ndarray) -> np.ndarray:
 
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
     """x_L (B, n); see vgcore.forward."""
-    return _into(out, _reference_batchnorm.forward(*_arguments(problem), *_options(problem)))
+    return _into(out, batchnorm_reference.forward(*_arguments(problem), *_options(problem)))
 
 
 def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
     """The reference profile (batch-wide renormalisation); ``segment`` changes nothing."""
-    return _reference_batchnorm.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
+    return batchnorm_reference.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
 
 
 def gradient_profiles(problems, grad_outputs) -> list[dict]:
@@ -55,13 +55,13 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
 
 def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J T_j for batch tangents T_j = tangents[:, j, :], (B, k, n)."""
-    return _into(out, _reference_batchnorm.jvp(*_arguments(problem), _batch_vectors(problem, tangents),
+    return _into(out, batchnorm_reference.jvp(*_arguments(problem), _batch_vectors(problem, tangents),
                                                *_options(problem)))
 
 
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
-    return _into(out, _reference_batchnorm.vjp(*_arguments(problem), _batch_vectors(problem, cotangents),
+    return _into(out, batchnorm_reference.vjp(*_arguments(problem), _batch_vectors(problem, cotangents),
                                                *_options(problem)))
 
 

@@ -1,4 +1,4 @@
-"""The NumPy reference backend of recurrent models: vgcore._reference_recurrent, as a backend.
+"""The NumPy reference backend of recurrent models: vgcore.reference.recurrent, as a backend.
 
 Implements :class:`vgcore.backends.Backend` for the "recurrent" kind with the
 plain code the tests trust; each function unpacks the problem (model, s_0,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgcore import _reference_recurrent as reference
+from vgcore.reference import recurrent as reference
 
 
 def _arguments(problem) -> tuple:

@@ -1,4 +1,4 @@
-"""The NumPy reference backend of dense stacks: vgcore._reference and _reference_spectra, as a backend.
+"""The NumPy reference backend of dense stacks: vgcore.reference.stack and _reference_spectra, as a backend.
 
 Implements :class:`vgcore.backends.Backend` for the "stack" kind with the
 plain, obvious code the tests trust; each function only unpacks the problem
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgcore import _reference, _reference_spectra
+from vgcore.reference import spectra as spectra_reference
+from vgcore.reference import stack as stack_reference
 
 
 def _arguments(problem) -> tuple:
@@ -37,12 +38,12 @@ def _per_sample(problem, vectors: np.ndarray) -> np.ndarray:
 
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
     """x_L (B, n); see vgcore.forward."""
-    return _into(out, _reference.forward(*_arguments(problem), *_options(problem)))
+    return _into(out, stack_reference.forward(*_arguments(problem), *_options(problem)))
 
 
 def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
     """The reference profile; it keeps every activation, so ``segment`` changes nothing."""
-    return _reference.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
+    return stack_reference.gradient_profile(*_arguments(problem), grad_output, *_options(problem))
 
 
 def gradient_profiles(problems, grad_outputs) -> list[dict]:
@@ -54,26 +55,26 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
 
 def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J(x_b) v, (B, k, n); see vgcore.jvp."""
-    return _into(out, _reference.jvp(*_arguments(problem), _per_sample(problem, tangents),
-                                     *_options(problem)))
+    return _into(out, stack_reference.jvp(*_arguments(problem), _per_sample(problem, tangents),
+                                          *_options(problem)))
 
 
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J(x_b)^T u, (B, k, n); see vgcore.vjp."""
-    return _into(out, _reference.vjp(*_arguments(problem), _per_sample(problem, cotangents),
-                                     *_options(problem)))
+    return _into(out, stack_reference.vjp(*_arguments(problem), _per_sample(problem, cotangents),
+                                          *_options(problem)))
 
 
 def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
     """d x_L / d x_0 per sample, (B, n, n); see vgcore.jacobian."""
-    return _into(out, _reference.jacobian(*_arguments(problem), *_options(problem)))
+    return _into(out, stack_reference.jacobian(*_arguments(problem), *_options(problem)))
 
 
 def singular_values(problem) -> np.ndarray:
     """Singular values of each sample's Jacobian, (B, n), descending."""
-    return _reference_spectra.singular_values(*_arguments(problem), *_options(problem))
+    return spectra_reference.singular_values(*_arguments(problem), *_options(problem))
 
 
 def lyapunov_log_growth(problem, k: int) -> np.ndarray:
     """Unsorted sums over layers of log|R_ii|, (B, k) float64."""
-    return _reference_spectra.lyapunov_log_growth(*_arguments(problem), k, *_options(problem))
+    return spectra_reference.lyapunov_log_growth(*_arguments(problem), k, *_options(problem))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vgcore._activations import LAYER_NORM_EPS, activation
-from vgcore._reference import derivative_statistics, renormalised_backward
+from vgcore.reference.stack import derivative_statistics, renormalised_backward
 
 #: eps of BN(v) = (v - mean) / sqrt(var + eps); torch.nn.BatchNorm1d's default, and layer norm's.
 BATCH_NORM_EPS = LAYER_NORM_EPS

@@ -762,8 +762,8 @@ def critical_sigma_w(activation: str, sigma_b: float) -> float:
     return _critical(name, sigma_b)
 
 
-# Recurrent networks through time (vgcore._theory_recurrent), re-exported here.
-from vgcore._theory_recurrent import (  # noqa: E402
+# Recurrent networks through time (vgcore.theory.recurrent), re-exported here.
+from vgcore.theory.recurrent import (  # noqa: E402
     gated_log_decay,
     rnn_chi1,
     rnn_fixed_point,
@@ -773,7 +773,7 @@ from vgcore._theory_recurrent import (  # noqa: E402
 
 __all__ += ["gated_log_decay", "rnn_chi1", "rnn_fixed_point", "rnn_lyapunov_exponent", "rnn_timescale"]
 
-# Batch-normalised stacks (vgcore._theory_batchnorm), re-exported here.
-from vgcore._theory_batchnorm import batchnorm_chi  # noqa: E402
+# Batch-normalised stacks (vgcore.theory.batchnorm), re-exported here.
+from vgcore.theory.batchnorm import batchnorm_chi  # noqa: E402
 
 __all__ += ["batchnorm_chi"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vgcore._activations import activation
-from vgcore._reference import derivative_statistics, renormalised_backward
+from vgcore.reference.stack import derivative_statistics, renormalised_backward
 
 
 @dataclass
@@ -179,7 +179,7 @@ def gradient_profile(model, s0, steps: int, inputs, grad_output) -> dict:
     derivatives of step t below 1e-3 in magnitude; ``dead`` (T,), the fraction
     of the G n gate units whose derivative is exactly 0 on every sample.
 
-    The renormalised backward pass is the stacks' (vgcore._reference.renormalised_backward):
+    The renormalised backward pass is the stacks' (vgcore.reference.stack.renormalised_backward):
     each sample's cotangent is rescaled to unit norm after every step and the
     log of the factor carried, so the logs are exact at any T; the
     weight-gradient contribution weights the samples by exp(log scale - max).

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgcore import _reference
+from vgcore.reference import stack as stack_reference
 
 
 def singular_values(weights, biases, x, activation_name, residual, norm) -> np.ndarray:
     """Singular values of each sample's input-output Jacobian, (B, n), descending, in x's dtype."""
-    jacobians = _reference.jacobian(weights, biases, x, activation_name, residual, norm)
+    jacobians = stack_reference.jacobian(weights, biases, x, activation_name, residual, norm)
     return np.stack([np.linalg.svd(jacobian, compute_uv=False) for jacobian in jacobians])
 
 
@@ -37,8 +37,8 @@ def lyapunov_log_growth(weights, biases, x, k, activation_name, residual, norm, 
     tangents[:, np.arange(k), np.arange(k)] = 1
     layers = []
     for weight, bias in zip(weights, biases, strict=True):
-        x, cache = _reference.layer_forward(weight, bias, x, activation_name, residual, norm)
-        mapped = _reference.layer_jvp(weight, cache, tangents, residual, norm)  # (B, k, n)
+        x, cache = stack_reference.layer_forward(weight, bias, x, activation_name, residual, norm)
+        mapped = stack_reference.layer_jvp(weight, cache, tangents, residual, norm)  # (B, k, n)
         q, r = np.linalg.qr(mapped.transpose(0, 2, 1))  # per sample: (n, k) = (n, k) (k, k)
         with np.errstate(divide="ignore"):  # a direction mapped to exactly 0: -inf
             layers.append(np.log(np.abs(np.diagonal(r, axis1=1, axis2=2).astype(np.float64))))
