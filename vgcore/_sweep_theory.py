@@ -152,8 +152,12 @@ def chi1_many(activation: str, sigma_w: np.ndarray, sigma_b: np.ndarray) -> np.n
     kappa = theory._kappa(name)
     lead = var_w * kappa - 1.0
     lead = np.where(np.abs(lead) <= 8.0 * np.finfo(float).eps, 0.0, lead)
-    # a zero bias with phi(0) = 0 makes q = 0 a fixed point, which theory's own branches handle
-    scalar = (var_b == 0.0) & (float(activation_values(name, np.zeros(1))[0][0]) == 0.0)
+    # a zero bias with phi(0) = 0 makes q = 0 a fixed point (F(0) = 0): where F(1) < 1 theory returns
+    # q* = 0 when it attracts (var_w phi'(0)^2 <= 1) or when the downward search finds no sign change
+    zero_fixed = (var_b == 0.0) & (float(activation_values(name, np.zeros(1))[0][0]) == 0.0)
+    scalar = np.zeros(sigma_w.shape, dtype=bool)
+    at_zero_q = np.zeros(sigma_w.shape, dtype=bool)
+    dphi2_zero = theory._moments(name, 0.0).dphi2
 
     # the search of vgcore.theory._find_fixed_point: from q0 = 1 by factors of 16, up where
     # F(1) > 1, down where F(1) < 1, to the first sign change of F(q) - q; F(q) - q at the powers
@@ -175,11 +179,13 @@ def chi1_many(activation: str, sigma_w: np.ndarray, sigma_b: np.ndarray) -> np.n
     down_step = np.where(down_found, down_hits.argmax(axis=1), 0)
     # the interval [16^j, 16^(j+1)] holding the sign change; none (q* = 0, inf) -> scalar code
     interval = np.where(up, above[up_step] - 1 - last, below[down_step] - last)
-    scalar |= np.where(up, ~up_found, ~down_found)
+    attracting = var_w * (dphi2_zero + kappa) <= 1.0
+    at_zero_q |= zero_fixed & ~up & (at_one < 0.0) & (attracting | ~down_found)
+    scalar |= np.where(up, ~up_found, ~down_found) & ~at_zero_q
     # going up past 1e4, theory may stop at its divergence test instead: leave those to it
     scalar |= up & (lead > 0.0) & (q_powers[np.minimum(above[up_step], 2 * last)] > theory._Q_ASYMPTOTIC)
 
-    active = np.flatnonzero(~scalar)
+    active = np.flatnonzero(~scalar & ~at_zero_q)
     q = np.ones(sigma_w.shape)
     low = np.ones(sigma_w.shape)
     high = np.ones(sigma_w.shape)
@@ -218,7 +224,13 @@ def chi1_many(activation: str, sigma_w: np.ndarray, sigma_b: np.ndarray) -> np.n
         converged[index] = done
     scalar[active[~converged[active]]] = True
 
-    index = np.flatnonzero(~scalar)
+    # q* = 0: chi_1 is the limit q -> 0+ (theory._solve with the moments at 0)
+    zero = np.flatnonzero(at_zero_q & ~scalar)
+    chi1_minus_1 = lead[zero] + var_w[zero] * dphi2_zero
+    chi1 = var_w[zero] * (kappa + dphi2_zero)
+    result[zero] = np.where((chi1_minus_1 < -0.5) & np.isfinite(chi1), chi1, 1.0 + chi1_minus_1)
+
+    index = np.flatnonzero(~scalar & ~at_zero_q)
     if index.size:
         _, dphi2, slope = _moments(name, q[index], need_phi2=False)
         # an ill-conditioned root (dF/dq near 1): the scalar solver decides

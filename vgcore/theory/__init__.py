@@ -55,7 +55,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy import optimize
 
 from vgcore._activations import ACTIVATION_TABLE, LEAKY_SLOPE, activation
 from vgcore._validation import check_activation, check_real
@@ -337,6 +336,8 @@ def _find_fixed_point(name: str, var_w: float, var_b: float, lead: float) -> flo
             return 0.0
     # maxiter: a fixed point far below the bracket (tiny sigma_w, q* ~ 1e-280 in [0, 1e-64])
     # takes Brent's method several hundred steps, most of them bisections.
+    from scipy import optimize  # on first use: the sweeps' vectorised theory never needs it
+
     return optimize.brentq(excess, low, high, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=2000)
 
 
@@ -710,6 +711,8 @@ def _critical(name: str, sigma_b: float) -> float:
                 f"for activation {name!r} and sigma_b = {sigma_b!r}"
             )
         value = excess(high)
+    from scipy import optimize
+
     root = optimize.brentq(excess, min(low, high), max(low, high), xtol=1e-13, rtol=4.0 * np.finfo(float).eps)
     if abs(excess(root)) > 1e-8:
         # chi_1 jumps across 1 here: the fixed point reached from q0 = 1 jumps
