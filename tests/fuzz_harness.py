@@ -357,7 +357,8 @@ def make_call(c, pool: list) -> Call:
                     COMPUTE_NAMES)
     k = c.choice([None, hostile_int(c, (1, max(1, width)), "k")], "k?")
     if time_keywords and c.choice([False, True], "warmup?"):
-        time_keywords["warmup"] = hostile_int(c, (0, 3), "warmup")
+        warmup = hostile_int(c, (0, 3), "warmup")
+        time_keywords["warmup"] = 64 if type(warmup) is int and warmup > 64 else warmup  # as steps
     return Call(kind, vg.lyapunov_exponents, (stack, x, k), {"backend": backend, **time_keywords},
                 (*COMPUTE_NAMES, "k", "warmup"))
 
@@ -370,7 +371,7 @@ def _time_keywords(c, model, batch: int, dtype) -> dict:
     # not huge: a recurrent model runs 10**9 steps if asked (its time, not a fault; its memory is checked
     # by the model kind, or not: see the report of issue 17)
     steps = hostile_int(c, (1, 6), "steps")
-    keywords = {"steps": 10**4 if type(steps) is int and steps > 10**4 else steps}
+    keywords = {"steps": 64 if type(steps) is int and steps > 64 else steps}
     input_width = getattr(model, "input_width", 0)
     if input_width and c.choice([True, True, False], "inputs?"):
         steps = keywords["steps"] if type(keywords["steps"]) is int and 0 < keywords["steps"] < 50 else 3
