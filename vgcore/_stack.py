@@ -136,7 +136,11 @@ class Stack:
         Raises
         ------
         TypeError, ValueError
-            Naming the offending argument.
+            Naming the offending argument; also sigma_w (sigma_b) where the
+            weights (biases) would exceed the dtype's largest value, and
+            "depth, width" with the expected memory where the parameters
+            cannot fit in the memory available (peak: the parameters plus
+            one 8 MiB block of draws).
         """
         depth = check.check_int(depth, "depth")
         width = check.check_int(width, "width")
