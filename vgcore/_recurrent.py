@@ -237,7 +237,15 @@ class Recurrent:
         if cell in KEEP_GATE:
             block = KEEP_GATE[cell]
             bias_hh[block * width:(block + 1) * width] += forget_bias
-        arrays = [None if a is None else a.astype(dtype) for a in (weight_hh, weight_ih, bias_hh, bias_ih)]
+        drawn = (weight_hh, weight_ih, bias_hh, bias_ih)
+        with np.errstate(over="ignore", invalid="ignore"):
+            arrays = [None if a is None else a.astype(dtype) for a in drawn]
+        # parameters beyond the dtype name the scale that put them there (issue 17 hook)
+        scales = ("sigma_w", "sigma_u", "sigma_b, forget_bias", "sigma_b")
+        for array, names in zip(arrays, scales, strict=True):
+            if array is not None and not np.isfinite(array).all():
+                raise ValueError(f"{names}: the drawn parameters exceed the largest {dtype.name} "
+                                 f"({np.finfo(dtype).max:.3g}); use a smaller scale")
         if device == "cuda":
             arrays = _to_device(arrays)
         model = cls(*arrays, cell=cell, activation=activation)
