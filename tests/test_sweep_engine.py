@@ -226,3 +226,26 @@ def test_chi1_many_equals_theory_chi1(activation):
     sigma_w, sigma_b = sigma_w.ravel(), sigma_b.ravel()
     expected = [theory.chi1(activation, float(w), float(b)) for w, b in zip(sigma_w, sigma_b, strict=True)]
     np.testing.assert_allclose(chi1_many(activation, sigma_w, sigma_b), expected, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------
+# The kernel's vectorised tanh against the csrc header's
+
+
+def test_vectorised_tanh_equals_the_header_tanh():
+    from vgcore._activations import ACTIVATION_CODES
+    from vgcore._ext import _kernels
+
+    rng = np.random.default_rng(5)
+    h = np.concatenate([rng.uniform(-1, 1, 4000) * scale for scale in (1e-300, 1e-8, 0.7, 3.0, 30.0, 380.0)]
+                       + [np.array([0.0, -0.0, 0.625, -0.625, np.nextafter(0.625, 0), 354.0, 372.0, 1e300])])
+    value, derivative = np.empty_like(h), np.empty_like(h)
+    _sweep.tanh_values(h, value, derivative)
+    want_value, want_derivative = np.empty_like(h), np.empty_like(h)
+    _kernels.activation_values(ACTIVATION_CODES["tanh"], h, want_value, want_derivative)
+    np.testing.assert_allclose(value, want_value, rtol=4.5e-16, atol=0)  # 2 ulps
+    normal = want_derivative > np.finfo(float).tiny
+    np.testing.assert_allclose(derivative[normal], want_derivative[normal], rtol=4e-15, atol=0)
+    # subnormal derivatives (|h| > 354): a few of their ulps, and zero where the header's is zero
+    np.testing.assert_allclose(derivative[~normal], want_derivative[~normal], rtol=1e-12,
+                               atol=8 * np.finfo(float).smallest_subnormal)
