@@ -15,7 +15,6 @@ import vgcore as vg
 from vgcore import stats, theory
 from vgcore._api import default_grad_output
 from vgcore._ext import _sweep
-from vgcore._sweep_theory import chi1_many
 from vgcore.sweep import (
     _seed_vectors,
     _summaries,
@@ -24,6 +23,7 @@ from vgcore.sweep import (
     input_seed,
     sweep,
 )
+from vgcore.theory.grid import chi1_many
 
 # --------------------------------------------------------------------------
 # Shared draws are Stack.random's draws

@@ -763,9 +763,9 @@ def _sigma_w_and_theory(unique: np.ndarray, grid: dict[str, list],
 
     ``unique`` (U, len(_THEORY_KEYS)) holds distinct index combinations;
     mean-field theory runs once per distinct (activation, sigma_w, sigma_b)
-    (:func:`vgcore._sweep_theory.chi1_many`, vectorised per activation).
+    (:func:`vgcore.theory.grid.chi1_many`, vectorised per activation).
     """
-    from vgcore._sweep_theory import chi1_many
+    from vgcore.theory.grid import chi1_many
 
     sigma_w = np.empty(len(unique))
     applies = np.zeros(len(unique), dtype=bool)
