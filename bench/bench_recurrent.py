@@ -1,4 +1,4 @@
-"""The recurrent jobs of DESIGN.md, ratios measured in one run: ``lstm`` and ``rnn_lyapunov``.
+"""The recurrent jobs of docs/ARCHITECTURE.md, ratios measured in one run: ``lstm`` and ``rnn_lyapunov``.
 
 lstm: gradient_profile through time of an LSTM, T 1000, n 256, B 32, sigma_w 1,
 forget_bias 1, float64, autonomous.  Timed: vgcore's compiled CPU backend

@@ -7,7 +7,7 @@
   the sweep (median of 3 runs after a warm-up in the same process).
 - ``cli``: the same job as the README's command line, ``vgcore sweep ... --out STORE``,
   in a fresh process: wall time start-up included (median of 3).
-- ``phase10k``: DESIGN.md's phase10k (10,000 configs: sigma_w 0.5..3 x sigma_b 0..0.5,
+- ``phase10k``: docs/ARCHITECTURE.md's phase10k (10,000 configs: sigma_w 0.5..3 x sigma_b 0..0.5,
   100 x 100, depth 50, width 64, batch 16, into a store) in a fresh process: wall
   time, configs/s, and the process's peak resident memory (VmHWM).
 

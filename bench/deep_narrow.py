@@ -1,4 +1,4 @@
-"""Canonical job `deep_narrow` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `deep_narrow` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs deep_narrow`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

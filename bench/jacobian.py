@@ -1,4 +1,4 @@
-"""Canonical job `jacobian` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `jacobian` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs jacobian`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

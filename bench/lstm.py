@@ -1,4 +1,4 @@
-"""Canonical job `lstm` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `lstm` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs lstm`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

@@ -1,4 +1,4 @@
-"""Canonical job `medium` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `medium` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs medium`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

@@ -1,4 +1,4 @@
-"""Canonical job `rnn_lyapunov` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `rnn_lyapunov` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs rnn_lyapunov`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

@@ -1,4 +1,4 @@
-"""All the canonical jobs (DESIGN.md), as ``vgcore bench``; flags pass through::
+"""All the canonical jobs (docs/ARCHITECTURE.md), as ``vgcore bench``; flags pass through::
 
     PYTHONPATH=. python bench/run_all.py [--json FILE] [--markdown]
 """

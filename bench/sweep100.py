@@ -1,4 +1,4 @@
-"""Canonical job `sweep100` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `sweep100` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs sweep100`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

@@ -1,4 +1,4 @@
-"""Canonical job `wide` (DESIGN.md): vgcore against the NumPy reference, PyTorch and GEMM.
+"""Canonical job `wide` (docs/ARCHITECTURE.md): vgcore against the NumPy reference, PyTorch and GEMM.
 
 A thin wrapper of `vgcore bench --jobs wide`; any other flag of it passes
 through (--json FILE, --backend, --repeats N, --quick, ...)::

@@ -4,7 +4,7 @@
  * Header-only, C99 and CUDA C++ alike, beside vg_activations.h whose
  * sigmoid / tanh / phi it uses: the CPU kernels (vgcore/_ext/_recurrent.pyx)
  * include it directly, the CuPy mirror through a kernel preamble.  The step
- * is torch's (DESIGN.md, "Recurrent models"), gate blocks in torch's order:
+ * is torch's (docs/ARCHITECTURE.md, "Recurrent models"), gate blocks in torch's order:
  *
  *   rnn:  h' = phi(a),  a = W_ih u + b_ih + W_hh h + b_hh                      (G = 1)
  *   lstm: i, f, g, o = sig, sig, tanh, sig of a;  c' = f c + i g;  h' = o tanh(c')   (G = 4)

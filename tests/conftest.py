@@ -46,7 +46,7 @@ requires_cuda = pytest.mark.skipif(not CUDA, reason="no CuPy / NVIDIA GPU here")
 @st.composite
 def stack_cases(draw, max_depth: int = 60, max_width: int = 48, max_batch: int = 8,
                 dtypes=DTYPES, activations=vg.ACTIVATIONS, sigma_w=(0.3, 1.6)):
-    """(stack, x) over every option of DESIGN.md's layer, moderately conditioned.
+    """(stack, x) over every option of docs/ARCHITECTURE.md's layer, moderately conditioned.
 
     sigma_w stays within a range where neither float32 rounding nor chaos
     swamps the comparison over 60 layers.

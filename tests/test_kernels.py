@@ -1,6 +1,6 @@
 """The compiled CPU kernels against the NumPy reference, over generated stacks.
 
-Every option of DESIGN.md's layer is drawn (depth 1..60, width 1..48, batch
+Every option of docs/ARCHITECTURE.md's layer is drawn (depth 1..60, width 1..48, batch
 1..8, every activation, both dtypes, residual on/off, norm none/pre/post).
 float64 agrees to 1e-10 relative, float32 to 1e-4 where the problem allows
 (see conftest.assert_matches_reference).

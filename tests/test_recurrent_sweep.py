@@ -1,4 +1,4 @@
-"""Recurrent cells in sweeps, the CLI and the plots (DESIGN.md "Sweeps, added")."""
+"""Recurrent cells in sweeps, the CLI and the plots (docs/ARCHITECTURE.md "Sweeps")."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_activation_derivative_matches_finite_differences(name):
 
 
 def test_activation_closed_forms():
-    """The seeds' closed forms and the definitions of DESIGN.md."""
+    """The seeds' closed forms and the definitions of docs/ARCHITECTURE.md."""
     h = np.linspace(-5, 5, 10001)
     sigmoid_derivative = activation("sigmoid", h)[1]
     assert sigmoid_derivative.max() == pytest.approx(0.25, abs=1e-15)  # sigmoid' peaks at 0.25 at 0

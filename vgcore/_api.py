@@ -56,7 +56,7 @@ def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any, given
 def _no_nan(result: Any, stack: Any, what: str) -> Any:
     """``result``, or a ValueError naming stack where the computation overflowed into NaN.
 
-    Finite inputs never give NaN (DESIGN.md, Errors): where values exceed the
+    Finite inputs never give NaN (docs/ARCHITECTURE.md, Errors): where values exceed the
     dtype inside a computation (inf - inf, 0 * inf), the result is refused
     rather than returned.  Overflow to +-inf without NaN is returned as is.
     """

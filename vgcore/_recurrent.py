@@ -1,4 +1,4 @@
-"""Recurrent models: one recurrent cell unrolled over time (DESIGN.md, "Recurrent models").
+"""Recurrent models: one recurrent cell unrolled over time (docs/ARCHITECTURE.md, "Recurrent models").
 
 Time plays the role of depth.  The parameters are those of a single-layer
 torch.nn.RNN / LSTM / GRU, in torch's layout and gate order, G gate blocks
@@ -547,7 +547,7 @@ def _read_only(array):
 
 
 def sweep_model(config: dict, seed: int, batch: int, input_seed: int, device: str = "cpu"):
-    """(model, s0, call) of one recurrent sweep row (vgcore.sweep; DESIGN.md "Sweeps, added").
+    """(model, s0, call) of one recurrent sweep row (vgcore.sweep; docs/ARCHITECTURE.md "Sweeps").
 
     The grid's ``depth`` is the number of steps T and ``sigma_w`` the
     recurrent gain; ``forget_bias`` applies to the gated cells (an rnn row

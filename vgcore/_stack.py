@@ -1,4 +1,4 @@
-"""The deep stack: parameters plus the options of DESIGN.md's layer."""
+"""The deep stack: parameters plus the options of docs/ARCHITECTURE.md's layer."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _DRAW_BLOCK_VALUES = 2**20
 
 
 class Stack:
-    """A deep stack of L dense layers of width n (DESIGN.md, "The model").
+    """A deep stack of L dense layers of width n (docs/ARCHITECTURE.md, "The model").
 
     Layer l maps x (B, n) to x' (B, n)::
 

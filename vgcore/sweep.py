@@ -121,7 +121,7 @@ def _sigma_w_value(value: Any) -> float | str:
     return check.check_real(value, "sigma_w", positive=True)
 
 
-#: Cells a sweep can run (DESIGN.md, "Sweeps, added"): "dense" is the deep stack; recurrent cells
+#: Cells a sweep can run (docs/ARCHITECTURE.md, "Sweeps"): "dense" is the deep stack; recurrent cells
 #: are listed in CELLS and become runnable when they appear here with a model builder.
 CELLS = ("dense", "rnn", "lstm", "gru")
 IMPLEMENTED_CELLS = ("dense", "rnn", "lstm", "gru")
@@ -149,7 +149,7 @@ GRID_SPEC: tuple[GridKey, ...] = (
     GridKey("residual", None, check.check_residual, "float64"),
     GridKey("norm", None, check.check_norm, "string"),
     GridKey("dtype", "float64", lambda v: check.check_dtype(v).name, "string"),
-    # recurrent cells (DESIGN.md "Sweeps, added"); a dense stack ignores the last three
+    # recurrent cells (docs/ARCHITECTURE.md "Sweeps"); a dense stack ignores the last three
     GridKey("cell", "dense", _cell_value, "string"),
     GridKey("forget_bias", 0.0, lambda v: check.check_real(v, "forget_bias"), "float64"),
     GridKey("sigma_u", 1.0, lambda v: check.check_real(v, "sigma_u", minimum=0.0), "float64"),
@@ -848,7 +848,7 @@ def _table(decoded: _Rows, grid: dict[str, list], profiles: _Profiles, batch: in
 
 
 def _to_frame(table):
-    """The frame of a (``_row``-sorted) Arrow table: DESIGN.md's columns and the row numbers."""
+    """The frame of a (``_row``-sorted) Arrow table: docs/ARCHITECTURE.md's columns and the row numbers."""
     import pandas as pd
 
     rows = table.column("_row").to_numpy()

@@ -1,4 +1,4 @@
-"""The layer of DESIGN.md on a block of rows, shared by the compiled extensions.
+"""The layer of docs/ARCHITECTURE.md on a block of rows, shared by the compiled extensions.
 
 Inline, nogil C-level functions over fused float32 / float64: the BLAS
 wrappers (row-major through scipy.linalg.cython_blas), layer norm and its

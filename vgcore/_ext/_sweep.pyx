@@ -3,8 +3,8 @@
 Configs of a sweep with the same seed, depth, width, init and dtype share the
 unit variates of their weights: stack c has W_l = s_c Z_l (Z_l the unit
 weights, s_c = sigma_w / sqrt(n) for a Gaussian init) and biases
-b_l = sigma_b_c z_l, as vgcore.Stack.random draws them (DESIGN.md, "Sweeps,
-added").  Such configs run as one batched problem: their activations are
+b_l = sigma_b_c z_l, as vgcore.Stack.random draws them (docs/ARCHITECTURE.md,
+"Sweeps").  Such configs run as one batched problem: their activations are
 stacked into a tile of T configs (T * B rows), and each layer is ONE product
 of the tile's rows with the shared Z_l (forward: H = U Z_l^T, backward:
 G = A Z_l), with each config's scale s_c, bias, activation, residual branch

@@ -1,4 +1,4 @@
-"""Benchmark runner: the canonical jobs of DESIGN.md on every backend and peer, in one run.
+"""Benchmark runner: the canonical jobs of docs/ARCHITECTURE.md on every backend and peer, in one run.
 
 ``vgcore bench`` (and ``python -m vgcore.bench``) runs each canonical job
 (:mod:`vgcore.bench.jobs`) on

@@ -1,4 +1,4 @@
-"""The canonical jobs of DESIGN.md ("Canonical benchmark jobs") and how vgcore runs each.
+"""The canonical jobs of docs/ARCHITECTURE.md ("Canonical benchmark jobs") and how vgcore runs each.
 
 Every job is tanh, sigma_w 1, sigma_b 0.05, float64 unless its row of the
 table says otherwise (sweep100: sigma_w 0.5 .. 2.5; rnn_lyapunov: g = 2;
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-#: Every job's defaults (DESIGN.md): tanh, sigma_w 1, sigma_b 0.05, float64.
+#: Every job's defaults (docs/ARCHITECTURE.md): tanh, sigma_w 1, sigma_b 0.05, float64.
 ACTIVATION = "tanh"
 SIGMA_W = 1.0
 SIGMA_B = 0.05
@@ -40,7 +40,7 @@ GATES = {"stack": 1, "rnn": 1, "lstm": 4}
 
 @dataclass(frozen=True)
 class Job:
-    """One canonical job (DESIGN.md, "Canonical benchmark jobs").
+    """One canonical job (docs/ARCHITECTURE.md, "Canonical benchmark jobs").
 
     ``depth`` is the number of layers L of a stack or of counted time steps T
     of a recurrent model; ``width`` is n (the hidden width of a recurrent

@@ -206,7 +206,7 @@ def torch_model(stack):
 
     With ``norm="batch"`` each layer is an ``nn.Sequential`` of the Linear and
     ``nn.BatchNorm1d(n, affine=False, track_running_stats=False)`` (training
-    mode: batch statistics, biased variance, eps 1e-5), DESIGN.md's BN.
+    mode: batch statistics, biased variance, eps 1e-5), docs/ARCHITECTURE.md's BN.
     """
     import torch
     from torch import nn
@@ -418,7 +418,7 @@ def jax_profile_function(activation: str, norm: str | None):
     def layer(x, parameters):
         weight, bias, perturbation = parameters
         h = x @ weight.T + bias
-        if norm == "batch":  # over the batch, per feature, biased variance (DESIGN.md)
+        if norm == "batch":  # over the batch, per feature, biased variance (docs/ARCHITECTURE.md)
             h = (h - h.mean(axis=0)) / jnp.sqrt(h.var(axis=0) + 1e-5)
         return phi(h) + perturbation, None
 

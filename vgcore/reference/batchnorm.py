@@ -1,6 +1,6 @@
 """NumPy reference of a batch-normalised stack (norm="batch"): plain and obvious.
 
-The layer (DESIGN.md, "Batch normalisation"):
+The layer (docs/ARCHITECTURE.md, "Batch normalisation"):
 
     v  = x @ W.T + b
     h  = BN(v)                              over the batch, per feature

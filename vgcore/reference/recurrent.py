@@ -1,6 +1,6 @@
 """NumPy reference of every computation on a recurrent model: plain and obvious, what the tests trust.
 
-It follows DESIGN.md's step (torch's equations, see vgcore._recurrent) one
+It follows docs/ARCHITECTURE.md's step (torch's equations, see vgcore._recurrent) one
 time step at a time, with no attempt at speed, and is itself checked against
 finite differences, torch autograd and closed forms
 (tests/test_recurrent_reference.py).

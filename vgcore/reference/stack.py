@@ -1,6 +1,6 @@
 """NumPy reference of every vgcore computation: plain and obvious.
 
-This module is what the tests trust.  It follows DESIGN.md line by line, one
+This module is what the tests trust.  It follows docs/ARCHITECTURE.md line by line, one
 layer at a time, with no attempt at speed.  It is itself checked against
 central finite differences and closed forms (tests/test_reference.py).
 
@@ -8,7 +8,7 @@ Inputs are assumed validated (see vgcore._validation); arrays are NumPy,
 float32 or float64, and computations run in the arrays' dtype.  Logs of norms
 are accumulated in float64 for both dtypes.
 
-The layer (DESIGN.md):
+The layer (docs/ARCHITECTURE.md):
 
     u  = LN(x)              if norm == "pre"  else x
     h  = u @ W.T + b
