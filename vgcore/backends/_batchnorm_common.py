@@ -18,3 +18,18 @@ def refuse(computation: str) -> None:
         "does not exist for it; use vg.jvp / vg.vjp, whose k-th batch vector is vectors[:, k, :], "
         "for products with the whole batch map's Jacobian"
     )
+
+
+def jacobian(problem, out) -> None:
+    """Refused for a coupled batch (:func:`refuse`)."""
+    refuse("jacobian")
+
+
+def singular_values(problem) -> None:
+    """Refused for a coupled batch (:func:`refuse`)."""
+    refuse("singular_values")
+
+
+def lyapunov_log_growth(problem, k: int) -> None:
+    """Refused for a coupled batch (:func:`refuse`)."""
+    refuse("lyapunov_exponents")

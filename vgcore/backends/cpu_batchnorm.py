@@ -15,7 +15,9 @@ import numpy as np
 
 from vgcore._activations import ACTIVATION_CODES
 from vgcore._ext import _batchnorm
-from vgcore.backends._batchnorm_common import refuse
+from vgcore.backends._batchnorm_common import jacobian as jacobian  # refused for a coupled batch
+from vgcore.backends._batchnorm_common import lyapunov_log_growth as lyapunov_log_growth
+from vgcore.backends._batchnorm_common import singular_values as singular_values
 from vgcore.backends._threads import blas_held_to_one_thread, n_partitions, n_threads
 
 
@@ -128,18 +130,3 @@ def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
     return _jacobian_product(problem, cotangents, out, transpose=True)
-
-
-def jacobian(problem, out) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("jacobian")
-
-
-def singular_values(problem) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("singular_values")
-
-
-def lyapunov_log_growth(problem, k: int) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("lyapunov_exponents")

@@ -8,13 +8,12 @@ OpenMP threads over blocks of samples, BLAS is held to one thread
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from vgcore._activations import ACTIVATION_CODES
 from vgcore._ext import _kernels, _recurrent
 from vgcore._recurrent import CELL_CODES
+from vgcore.backends._common import batched_singular_values
 from vgcore.backends._threads import blas_held_to_one_thread, n_partitions, n_threads
 
 _NO_INPUTS = {np.dtype(np.float32): np.zeros((1, 1, 1), np.float32),
@@ -146,29 +145,8 @@ def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
 
 
 def singular_values(problem) -> np.ndarray:
-    """The compiled Jacobian, then LAPACK's SVD per sample, (B, N) descending.
-
-    Samples are spread over the kernels' threads in contiguous chunks, each
-    matrix factored by one single-threaded LAPACK call (NumPy releases the
-    GIL), so results are bitwise the same for any number of threads.
-    """
-    jacobians = jacobian(problem, None)
-    batch, width = jacobians.shape[0], jacobians.shape[-1]
-    out = np.empty((batch, width), jacobians.dtype)
-    chunks = max(1, min(n_threads(), batch))
-    bounds = [(c * batch // chunks, (c + 1) * batch // chunks) for c in range(chunks)]
-
-    def run(bound):
-        start, stop = bound
-        out[start:stop] = np.linalg.svd(jacobians[start:stop], compute_uv=False)
-
-    with blas_held_to_one_thread():
-        if chunks == 1:
-            run(bounds[0])
-        else:
-            with ThreadPoolExecutor(chunks) as pool:
-                list(pool.map(run, bounds))
-    return out
+    """The compiled Jacobian, then LAPACK's SVD per sample, (B, N) descending."""
+    return batched_singular_values(jacobian(problem, None))
 
 
 def lyapunov_log_growth(problem, k: int) -> np.ndarray:

@@ -7,12 +7,11 @@ OpenMP threads, BLAS is held to one thread (vgcore.backends._threads).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from vgcore._activations import ACTIVATION_CODES, NORM_CODES
 from vgcore._ext import _kernels, _spectra
+from vgcore.backends._common import batched_singular_values
 from vgcore.backends._threads import blas_held_to_one_thread, n_partitions, n_threads
 
 
@@ -109,30 +108,8 @@ def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
 
 
 def singular_values(problem) -> np.ndarray:
-    """The compiled Jacobian, then LAPACK's divide-and-conquer SVD per sample, (B, n) descending.
-
-    Samples are spread over the kernels' threads in contiguous chunks; each
-    matrix is factored by one single-threaded LAPACK call whatever the chunking
-    (NumPy releases the GIL there), so results are bitwise the same for any
-    number of threads.
-    """
-    jacobians = jacobian(problem, None)
-    batch, width = jacobians.shape[0], jacobians.shape[-1]
-    out = np.empty((batch, width), jacobians.dtype)
-    chunks = max(1, min(n_threads(), batch))
-    bounds = [(c * batch // chunks, (c + 1) * batch // chunks) for c in range(chunks)]
-
-    def run(bound):
-        start, stop = bound
-        out[start:stop] = np.linalg.svd(jacobians[start:stop], compute_uv=False)
-
-    with blas_held_to_one_thread():
-        if chunks == 1:
-            run(bounds[0])
-        else:
-            with ThreadPoolExecutor(chunks) as pool:
-                list(pool.map(run, bounds))
-    return out
+    """The compiled Jacobian, then LAPACK's divide-and-conquer SVD per sample, (B, n) descending."""
+    return batched_singular_values(jacobian(problem, None))
 
 
 def lyapunov_log_growth(problem, k: int) -> np.ndarray:

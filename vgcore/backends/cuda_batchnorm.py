@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from vgcore._activations import ACTIVATION_CODES, SATURATION_THRESHOLD
-from vgcore.backends._batchnorm_common import refuse
+from vgcore.backends._batchnorm_common import jacobian as jacobian  # refused for a coupled batch
+from vgcore.backends._batchnorm_common import lyapunov_log_growth as lyapunov_log_growth
+from vgcore.backends._batchnorm_common import singular_values as singular_values
 
 # Literals on purpose: tests/test_batchnorm_cuda_build.py reads them with ``ast`` (this module
 # cannot be imported without CuPy) and compiles the kernel file with nvcc and NVRTC.
@@ -293,18 +295,3 @@ def vjp(problem, cotangents, out):
     """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
     return _call(problem, lambda layers, x, u, o: _jacobian_products(layers, x, u, o, True), cotangents,
                  out=out)
-
-
-def jacobian(problem, out) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("jacobian")
-
-
-def singular_values(problem) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("singular_values")
-
-
-def lyapunov_log_growth(problem, k: int) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("lyapunov_exponents")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgcore.backends._batchnorm_common import refuse
+from vgcore.backends._batchnorm_common import jacobian as jacobian  # refused for a coupled batch
+from vgcore.backends._batchnorm_common import lyapunov_log_growth as lyapunov_log_growth
+from vgcore.backends._batchnorm_common import singular_values as singular_values
+from vgcore.backends._common import into, per_sample
 from vgcore.reference import batchnorm as batchnorm_reference
 
 
@@ -24,21 +27,9 @@ def _options(problem) -> tuple:
     return problem.model.activation, problem.model.residual
 
 
-def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
-    if out is None:
-        return result
-    out[...] = result
-    return out
-
-
-def _batch_vectors(problem, vectors: np.ndarray) -> np.ndarray:
-    """Vectors (k, n) shared by every sample, broadcast to (B, k, n)."""
-    return np.broadcast_to(vectors, (problem.batch, *vectors.shape[-2:]))
-
-
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
     """x_L (B, n); see vgcore.forward."""
-    return _into(out, batchnorm_reference.forward(*_arguments(problem), *_options(problem)))
+    return into(out, batchnorm_reference.forward(*_arguments(problem), *_options(problem)))
 
 
 def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
@@ -55,26 +46,11 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
 
 def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J T_j for batch tangents T_j = tangents[:, j, :], (B, k, n)."""
-    return _into(out, batchnorm_reference.jvp(*_arguments(problem), _batch_vectors(problem, tangents),
+    return into(out, batchnorm_reference.jvp(*_arguments(problem), per_sample(problem, tangents),
                                                *_options(problem)))
 
 
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J^T U_j for batch cotangents U_j = cotangents[:, j, :], (B, k, n)."""
-    return _into(out, batchnorm_reference.vjp(*_arguments(problem), _batch_vectors(problem, cotangents),
+    return into(out, batchnorm_reference.vjp(*_arguments(problem), per_sample(problem, cotangents),
                                                *_options(problem)))
-
-
-def jacobian(problem, out) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("jacobian")
-
-
-def singular_values(problem) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("singular_values")
-
-
-def lyapunov_log_growth(problem, k: int) -> None:
-    """Refused: see vgcore.backends._batchnorm_common."""
-    refuse("lyapunov_exponents")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vgcore.backends._common import into, per_sample
 from vgcore.reference import recurrent as reference
 
 
@@ -19,21 +20,9 @@ def _arguments(problem) -> tuple:
     return problem.model, problem.x, problem.depth, problem.inputs
 
 
-def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
-    if out is None:
-        return result
-    out[...] = result
-    return out
-
-
-def _per_sample(problem, vectors: np.ndarray) -> np.ndarray:
-    """Vectors (k, N) shared by every sample, broadcast to (B, k, N)."""
-    return np.broadcast_to(vectors, (problem.batch, *vectors.shape[-2:]))
-
-
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
     """s_T (B, N); see vgcore.forward."""
-    return _into(out, reference.forward(*_arguments(problem)))
+    return into(out, reference.forward(*_arguments(problem)))
 
 
 def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
@@ -50,17 +39,17 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
 
 def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """(d s_T / d s_0) v, (B, k, N); see vgcore.jvp."""
-    return _into(out, reference.jvp(*_arguments(problem), _per_sample(problem, tangents)))
+    return into(out, reference.jvp(*_arguments(problem), per_sample(problem, tangents)))
 
 
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """(d s_T / d s_0)^T u, (B, k, N); see vgcore.vjp."""
-    return _into(out, reference.vjp(*_arguments(problem), _per_sample(problem, cotangents)))
+    return into(out, reference.vjp(*_arguments(problem), per_sample(problem, cotangents)))
 
 
 def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
     """d s_T / d s_0 per sample, (B, N, N); see vgcore.jacobian."""
-    return _into(out, reference.jacobian(*_arguments(problem)))
+    return into(out, reference.jacobian(*_arguments(problem)))
 
 
 def singular_values(problem) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vgcore.backends._common import into, per_sample
 from vgcore.reference import spectra as spectra_reference
 from vgcore.reference import stack as stack_reference
 
@@ -24,21 +25,9 @@ def _options(problem) -> tuple:
     return stack.activation, stack.residual, stack.norm
 
 
-def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
-    if out is None:
-        return result
-    out[...] = result
-    return out
-
-
-def _per_sample(problem, vectors: np.ndarray) -> np.ndarray:
-    """Vectors (k, n) shared by every sample, broadcast to (B, k, n)."""
-    return np.broadcast_to(vectors, (problem.batch, *vectors.shape[-2:]))
-
-
 def forward(problem, out: np.ndarray | None) -> np.ndarray:
     """x_L (B, n); see vgcore.forward."""
-    return _into(out, stack_reference.forward(*_arguments(problem), *_options(problem)))
+    return into(out, stack_reference.forward(*_arguments(problem), *_options(problem)))
 
 
 def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> dict:
@@ -55,19 +44,19 @@ def gradient_profiles(problems, grad_outputs) -> list[dict]:
 
 def jvp(problem, tangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J(x_b) v, (B, k, n); see vgcore.jvp."""
-    return _into(out, stack_reference.jvp(*_arguments(problem), _per_sample(problem, tangents),
+    return into(out, stack_reference.jvp(*_arguments(problem), per_sample(problem, tangents),
                                           *_options(problem)))
 
 
 def vjp(problem, cotangents: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """J(x_b)^T u, (B, k, n); see vgcore.vjp."""
-    return _into(out, stack_reference.vjp(*_arguments(problem), _per_sample(problem, cotangents),
+    return into(out, stack_reference.vjp(*_arguments(problem), per_sample(problem, cotangents),
                                           *_options(problem)))
 
 
 def jacobian(problem, out: np.ndarray | None) -> np.ndarray:
     """d x_L / d x_0 per sample, (B, n, n); see vgcore.jacobian."""
-    return _into(out, stack_reference.jacobian(*_arguments(problem), *_options(problem)))
+    return into(out, stack_reference.jacobian(*_arguments(problem), *_options(problem)))
 
 
 def singular_values(problem) -> np.ndarray:
