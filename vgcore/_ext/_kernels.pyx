@@ -31,7 +31,7 @@ transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, fabs, frexp, ldexp, log, sqrt
+from libc.math cimport exp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -53,6 +53,7 @@ from vgcore._ext._layers cimport (
     _gemm,
     _gram_upper,
     _jvp_layer,
+    _log_norm_of_outer_sum,
     _measuring,
     _piece,
     _recompute_pre_norm,
@@ -332,36 +333,6 @@ cdef void _weight_gradient_pieces(Workspace *space, Py_ssize_t batch, Py_ssize_t
     scratch[0] = _piece(space, _weight_gradient_scratch(batch, n), kind)
 
 
-cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
-    """The largest row norm of a (rows, n), for any finite scale of a.
-
-    Entries are scaled by the power of two that brings the largest into [0.5, 1)
-    before squaring (a plain sum of squares is 0 for rows below 1e-154, which
-    made weight-gradient norms -inf where the layer's inputs are tiny).
-    """
-    cdef Py_ssize_t r, i
-    cdef double total, value, largest = 0, biggest = 0, unit
-    cdef int exponent
-    for i in range(rows * n):
-        value = fabs(<double> a[i])
-        if value > biggest:
-            biggest = value
-    if biggest == 0:
-        return 0
-    frexp(biggest, &exponent)
-    if exponent < -1000:  # subnormal entries: 2**-e is not a double; such rows are below any weight
-        return biggest
-    unit = ldexp(1.0, -exponent)
-    for r in range(rows):
-        total = 0
-        for i in range(n):
-            value = <double> a[r * n + i] * unit
-            total = total + value * value
-        if total > largest:
-            largest = total
-    return ldexp(sqrt(largest), exponent)
-
-
 cdef inline Py_ssize_t _weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t n) noexcept nogil:
     """Values of scratch _weight_gradient_norm needs."""
     return 2 * batch * n + 2 * (batch * batch if batch < n else n * n)
@@ -376,18 +347,14 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
     g_b (B, n) are the unit-scaled cotangents at h with log scales s_b, u_b
     the layer's linear inputs (recomputed from its input x_in for pre-norm).
     Samples are weighted by exp(s_b - max s), so the sum is exact whatever
-    the spread of scales, and U is scaled to unit largest row so that its
-    squares cannot underflow.  With fewer samples than features the squared
-    norm comes from the two Gram matrices, ||G^T U||_F^2 = sum_ij (G G^T)_ij
-    (U U^T)_ij, without forming the (n, n) gradient.
+    the spread of scales; the norm of the weighted sum comes from
+    _layers._log_norm_of_outer_sum (U scaled so its squares cannot underflow;
+    Gram matrices when B < n).
     """
-    cdef bint use_gram = batch < n
-    cdef Py_ssize_t b, i, j, square = batch * batch if use_gram else n * n
+    cdef Py_ssize_t b, i
     cdef floating *g = scratch
     cdef floating *u = scratch + batch * n
-    cdef floating *gram_g = u + batch * n
-    cdef floating *gram_u = gram_g + square
-    cdef double top = log_scale_h[0], total = 0, weight, u_scale
+    cdef double top = log_scale_h[0], weight
     for b in range(batch):
         if log_scale_h[b] > top:
             top = log_scale_h[b]
@@ -399,28 +366,7 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
         _recompute_pre_norm(batch, n, x_in, mean_pre, inv_pre, u)
     else:
         memcpy(u, x_in, batch * n * sizeof(floating))
-    u_scale = _largest_row_norm(batch, n, u)
-    if u_scale > 0:
-        for i in range(batch * n):
-            u[i] = <floating> (u[i] / u_scale)
-    else:
-        u_scale = 1
-    if use_gram:
-        _gram_upper(batch, n, g, gram_g)
-        _gram_upper(batch, n, u, gram_u)
-        for j in range(batch):
-            for i in range(j):
-                total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
-            total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
-    else:
-        # gradient^T (in, out) = U^T G, column-major
-        _gemm(c'N', c'T', <int> n, <int> n, <int> batch, <floating> 1, u, <int> n, g, <int> n,
-              <floating> 0, gram_g, <int> n)
-        for i in range(n * n):
-            total = total + <double> gram_g[i] * gram_g[i]
-    if total > 0:
-        return top + log(u_scale) + 0.5 * log(total)
-    return -INFINITY
+    return top + _log_norm_of_outer_sum(batch, n, n, g, u, u + batch * n)
 
 
 def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] biases,

@@ -277,6 +277,79 @@ cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, d
 
 
 # ---------------------------------------------------------------------------
+# Weight-gradient norms: log ||G^T U||_F for any finite scale of U
+# ---------------------------------------------------------------------------
+
+cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
+    """The largest row norm of a (rows, n), for any finite scale of a.
+
+    Entries are scaled by the power of two that brings the largest into [0.5, 1)
+    before squaring (a plain sum of squares is 0 for rows below 1e-154, which
+    made weight-gradient norms -inf where a layer's inputs are tiny).
+    """
+    cdef Py_ssize_t r, i
+    cdef double total, value, largest = 0, biggest = 0, unit
+    cdef int exponent
+    for i in range(rows * n):
+        value = fabs(<double> a[i])
+        if value > biggest:
+            biggest = value
+    if biggest == 0:
+        return 0
+    frexp(biggest, &exponent)
+    if exponent < -1000:  # subnormal entries: 2**-e is not a double; such rows are below any weight
+        return biggest
+    unit = ldexp(1.0, -exponent)
+    for r in range(rows):
+        total = 0
+        for i in range(n):
+            value = <double> a[r * n + i] * unit
+            total = total + value * value
+        if total > largest:
+            largest = total
+    return ldexp(sqrt(largest), exponent)
+
+
+cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n, const floating *g,
+                                          floating *u, floating *product) noexcept nogil:
+    """log ||sum_b g_b u_b^T||_F = log ||G^T U||_F for G (batch, gn) and U (batch, n); -inf when 0.
+
+    U is scaled in place to unit largest row (its squares cannot underflow) and
+    the scale added back in log space.  With fewer samples than columns of U
+    the squared norm comes from the two Gram matrices, sum_ij (G G^T)_ij
+    (U U^T)_ij, without forming the (gn, n) product; ``product`` holds
+    2 batch^2 values then, else gn * n.  Shared by the weight-gradient norms of
+    every model kind (the callers weight the rows of G by their log scales).
+    """
+    cdef bint use_gram = batch < n
+    cdef Py_ssize_t i, j
+    cdef floating *gram_g = product
+    cdef floating *gram_u = product + batch * batch
+    cdef double total = 0, u_scale = _largest_row_norm(batch, n, u)
+    if u_scale > 0:
+        for i in range(batch * n):
+            u[i] = <floating> (u[i] / u_scale)
+    else:
+        u_scale = 1
+    if use_gram:
+        _gram_upper(batch, gn, g, gram_g)
+        _gram_upper(batch, n, u, gram_u)
+        for j in range(batch):
+            for i in range(j):
+                total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
+            total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
+    else:
+        # the product's transpose (n, gn) = U^T G, column-major
+        _gemm(c'N', c'T', <int> n, <int> gn, <int> batch, <floating> 1, u, <int> n, g, <int> gn,
+              <floating> 0, product, <int> n)
+        for i in range(gn * n):
+            total = total + <double> product[i] * product[i]
+    if total > 0:
+        return log(u_scale) + 0.5 * log(total)
+    return -INFINITY
+
+
+# ---------------------------------------------------------------------------
 # Helpers for blocks
 # ---------------------------------------------------------------------------
 

@@ -30,13 +30,19 @@ samples, run afterwards in parallel over steps.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, fabs, frexp, ldexp, log, sqrt
+from libc.math cimport INFINITY, exp, fabs, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dsyrk, dtrsm
 from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, dpotrf, sgeqrf, sorgqr
 
-from vgcore._ext._layers cimport _block_start, _gemm, _gram_upper, _renormalise_rows
+from vgcore._ext._layers cimport (
+    _block_start,
+    _gemm,
+    _gram_upper,
+    _log_norm_of_outer_sum,
+    _renormalise_rows,
+)
 
 
 cdef extern from "vg_gates.h" nogil:
@@ -228,36 +234,6 @@ def forward(int cell, int activation, const floating[:, ::1] weight_hh, const fl
 # Gradient profile through time
 # ---------------------------------------------------------------------------
 
-cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floating *a) noexcept nogil:
-    """The largest row norm of a (rows, n), for any finite scale of a (vgcore._ext._kernels' twin).
-
-    Entries are scaled by the power of two that brings the largest into [0.5, 1)
-    before squaring (a plain sum of squares is 0 for rows below 1e-154, which
-    would make the weight-gradient norm -inf where the step's hidden state is tiny).
-    """
-    cdef Py_ssize_t r, i
-    cdef double total, value, largest = 0, biggest = 0, unit
-    cdef int exponent
-    for i in range(rows * n):
-        value = fabs(<double> a[i])
-        if value > biggest:
-            biggest = value
-    if biggest == 0:
-        return 0
-    frexp(biggest, &exponent)
-    if exponent < -1000:  # subnormal entries: 2**-e is not a double; such rows are below any weight
-        return biggest
-    unit = ldexp(1.0, -exponent)
-    for r in range(rows):
-        total = 0
-        for i in range(n):
-            value = <double> a[r * n + i] * unit
-            total = total + value * value
-        if total > largest:
-            largest = total
-    return ldexp(sqrt(largest), exponent)
-
-
 def weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n):
     """Values of scratch one _weight_gradient_norm call needs."""
     return _weight_gradient_scratch(batch, gn, n)
@@ -276,17 +252,14 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n,
     W_hh h + b_hh (rows g_stride apart) with log scales s_b, h_b (n) the step's input hidden state.
 
     Samples are weighted by exp(s_b - max s), so the sum is exact whatever the
-    spread of scales; H is scaled to unit largest row so that its squares
-    cannot underflow.  With fewer samples than hidden units the squared norm
-    comes from the Gram matrices, ||G^T H||_F^2 = sum_ij (G G^T)_ij (H H^T)_ij.
+    spread of scales; the norm of the weighted sum comes from
+    _layers._log_norm_of_outer_sum (H scaled so its squares cannot underflow;
+    Gram matrices when B < n).
     """
-    cdef bint use_gram = batch < n
-    cdef Py_ssize_t b, i, j
+    cdef Py_ssize_t b, i
     cdef floating *g = scratch
     cdef floating *u = scratch + batch * gn
-    cdef floating *gram_g = u + batch * n
-    cdef floating *gram_u = gram_g + batch * batch
-    cdef double top = log_scale[0], total = 0, weight, u_scale
+    cdef double top = log_scale[0], weight
     for b in range(batch):
         if log_scale[b] > top:
             top = log_scale[b]
@@ -295,28 +268,7 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n,
         for i in range(gn):
             g[b * gn + i] = <floating> (weight * g_hh[b * g_stride + i])
         memcpy(u + b * n, h + b * h_stride, n * sizeof(floating))
-    u_scale = _largest_row_norm(batch, n, u)
-    if u_scale > 0:
-        for i in range(batch * n):
-            u[i] = <floating> (u[i] / u_scale)
-    else:
-        u_scale = 1
-    if use_gram:
-        _gram_upper(batch, gn, g, gram_g)
-        _gram_upper(batch, n, u, gram_u)
-        for j in range(batch):
-            for i in range(j):
-                total = total + 2.0 * gram_g[j * batch + i] * gram_u[j * batch + i]
-            total = total + <double> gram_g[j * batch + j] * gram_u[j * batch + j]
-    else:
-        # gradient^T (n, G n) = H^T G, column-major (n x G n)
-        _gemm(c'N', c'T', <int> n, <int> gn, <int> batch, <floating> 1, u, <int> n, g, <int> gn,
-              <floating> 0, gram_g, <int> n)
-        for i in range(gn * n):
-            total = total + <double> gram_g[i] * gram_g[i]
-    if total > 0:
-        return top + log(u_scale) + 0.5 * log(total)
-    return -INFINITY
+    return top + _log_norm_of_outer_sum(batch, gn, n, g, u, u + batch * n)
 
 
 cdef void _forward_steps(Cell c, Py_ssize_t count, Py_ssize_t first, Py_ssize_t batch, Py_ssize_t start,
