@@ -17,7 +17,7 @@ the median over rounds of the paired ratio (variant / bare within one round),
 all measured in this one run.
 
 With ``--frameworks`` (default: each of lightning, transformers, jax that
-imports), the same 12-block residual MLP (width 256, batch 128) trains in
+imports), the same 12-block residual MLP (width 256, batch 512) trains in
 each framework with and without vgcore's monitor, logging the per-layer
 norms at every step (``every=1``, the most expensive setting):
 
@@ -117,7 +117,16 @@ def make_variant(name: str, kind: str, every: int) -> Callable[[], None]:
 # --------------------------------------------------------------------------
 # Frameworks: Lightning, transformers, JAX
 
-FRAMEWORK_WIDTH, FRAMEWORK_BATCH, FRAMEWORK_BLOCKS = 256, 128, 12
+# Batch 512: as many rows per step as the transformer above has tokens (16 x 32).  The monitor's cost
+# is one read of every gradient (about 1.3 ms for these 6.3M float32 parameters on 2 cores), so
+# its share of a step shrinks as the step's compute grows: --framework-batch 128 shows a lighter
+# step, where that read weighs 2-4 times as much.
+FRAMEWORK_WIDTH, FRAMEWORK_BATCH, FRAMEWORK_BLOCKS = 256, 512, 12
+
+
+def set_framework_batch(rows: int) -> None:
+    global FRAMEWORK_BATCH
+    FRAMEWORK_BATCH = rows
 
 
 class Timed:
@@ -376,8 +385,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6,
                         help="alternating Trainer runs per framework variant")
     parser.add_argument("--framework-steps", type=int, default=40, help="timed steps per Trainer run")
+    parser.add_argument("--framework-batch", type=int, default=FRAMEWORK_BATCH,
+                        help="rows per framework step")
     parser.add_argument("--skip-torch", action="store_true", help="only the frameworks")
     args = parser.parse_args()
+    set_framework_batch(args.framework_batch)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
