@@ -25,7 +25,7 @@ from vgcore.sweep import SweepResult, sweep
 
 # Submodules imported on first use: `vgcore.torch` must never import torch
 # before it is asked for, and the others keep `import vgcore` quick.
-_LAZY_SUBMODULES = ("stats", "theory", "torch")
+_LAZY_SUBMODULES = ("jax", "lightning", "stats", "theory", "torch", "transformers")
 
 __all__ = [
     "ACTIVATIONS",
