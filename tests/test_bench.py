@@ -331,12 +331,6 @@ def test_unknown_job_is_a_usage_error():
     assert exit_info.value.code == 2
 
 
-def test_old_module_name_runs_the_same_main():
-    from vgcore import _bench
-
-    assert _bench.main is bench.main
-
-
 def test_runs_as_a_module(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "vgcore.bench", "--quick", "--quiet", "--repeats", "1", "--jobs", "jacobian",
