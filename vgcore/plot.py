@@ -127,13 +127,23 @@ def _color_key(frame) -> str | None:
     return None
 
 
+#: Grid keys that only mean something for recurrent cells: left out of a dense sweep's title.
+_RECURRENT_KEYS = ("cell", "forget_bias", "sigma_u", "input_width")
+
+
 def _constants(frame) -> str:
+    """The grid keys with one value in ``frame``, as title text wrapped to lines of at most 100 characters."""
+    import textwrap
+
+    dense_only = "cell" not in frame or set(frame["cell"].astype(object).unique()) <= {"dense"}
     parts = []
     for key in GRID_KEYS:
+        if dense_only and key in _RECURRENT_KEYS:
+            continue
         values = frame[key].astype(object).fillna("none").unique()
         if len(values) == 1 and not (key in ("residual", "norm") and values[0] == "none"):
             parts.append(_label(key, values[0]))
-    return ", ".join(parts)
+    return textwrap.fill(", ".join(parts), width=100)
 
 
 # --------------------------------------------------------------------------
