@@ -14,6 +14,7 @@ from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport dgemm, dsyrk, sgemm, ssyrk
+from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
 
 cdef extern from "vg_activations.h" nogil:
     double VG_SATURATION_THRESHOLD
@@ -347,6 +348,48 @@ cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ss
     if total > 0:
         return log(u_scale) + 0.5 * log(total)
     return -INFINITY
+
+
+# ---------------------------------------------------------------------------
+# LAPACK QR, column-major (a, n) x k (the Lyapunov kernels of stacks and recurrent cells)
+# ---------------------------------------------------------------------------
+
+cdef inline int _householder_qr(int n, int k, floating *a, floating *tau, floating *work,
+                                int lwork) noexcept nogil:
+    """a (n, k) column-major = Q R: R in the upper triangle, Householder vectors below (?geqrf)."""
+    cdef int info = 0
+    if floating is double:
+        dgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
+    else:
+        sgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
+    return info
+
+
+cdef inline int _form_q(int n, int k, floating *a, floating *tau, floating *work,
+                        int lwork) noexcept nogil:
+    """Overwrite the factored a (n, k) with the k orthonormal columns of Q (?orgqr)."""
+    cdef int info = 0
+    if floating is double:
+        dorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
+    else:
+        sorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
+    return info
+
+
+cdef inline int _qr_workspace(floating probe, int n, int k) noexcept nogil:
+    """The larger of ?geqrf's and ?orgqr's optimal lwork for an (n, k) matrix (LAPACK's query).
+
+    ``probe`` only selects the dtype.
+    """
+    cdef floating a = 0, tau = 0, geqrf_size = 0, orgqr_size = 0
+    cdef int query = -1, info = 0
+    if floating is double:
+        dgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
+        dorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
+    else:
+        sgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
+        sorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
+    return max(<int> geqrf_size, <int> orgqr_size, k, 1)
 
 
 # ---------------------------------------------------------------------------

@@ -34,13 +34,16 @@ from libc.math cimport INFINITY, exp, fabs, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dsyrk, dtrsm
-from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, dpotrf, sgeqrf, sorgqr
+from scipy.linalg.cython_lapack cimport dpotrf
 
 from vgcore._ext._layers cimport (
     _block_start,
+    _form_q,
     _gemm,
     _gram_upper,
+    _householder_qr,
     _log_norm_of_outer_sum,
+    _qr_workspace,
     _renormalise_rows,
 )
 
@@ -537,41 +540,6 @@ def vjp(int cell, int activation, const floating[:, ::1] weight_hh, const floati
 # ---------------------------------------------------------------------------
 # Lyapunov log growth
 # ---------------------------------------------------------------------------
-
-cdef inline int _householder_qr(int n, int k, floating *a, floating *tau, floating *work,
-                                int lwork) noexcept nogil:
-    """a (n, k) column-major = Q R: R in the upper triangle, Householder vectors below (?geqrf)."""
-    cdef int info = 0
-    if floating is double:
-        dgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
-    else:
-        sgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
-    return info
-
-
-cdef inline int _form_q(int n, int k, floating *a, floating *tau, floating *work,
-                        int lwork) noexcept nogil:
-    """Overwrite the factored a (n, k) with the k orthonormal columns of Q (?orgqr)."""
-    cdef int info = 0
-    if floating is double:
-        dorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
-    else:
-        sorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
-    return info
-
-
-cdef int _qr_workspace(floating probe, int n, int k) noexcept nogil:
-    """The larger of ?geqrf's and ?orgqr's optimal lwork for an (n, k) matrix (``probe``: the dtype)."""
-    cdef floating a = 0, tau = 0, geqrf_size = 0, orgqr_size = 0
-    cdef int query = -1, info = 0
-    if floating is double:
-        dgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
-        dorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
-    else:
-        sgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
-        sorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
-    return max(<int> geqrf_size, <int> orgqr_size, k, 1)
-
 
 #: CholeskyQR2 is used where the first pass's diagonal spread max R_ii / min R_ii stays below this
 #: (a lower bound of the condition number; above, Householder), and kept only when the second

@@ -35,16 +35,18 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport INFINITY, fabs, log
 from libc.string cimport memcpy, memset
-from scipy.linalg.cython_lapack cimport dgeqrf, dorgqr, sgeqrf, sorgqr
 
 from vgcore._ext._layers cimport (
     NORM_PRE,
     Workspace,
     _block_start,
+    _form_q,
     _forward_layer,
+    _householder_qr,
     _jvp_layer,
     _measuring,
     _piece,
+    _qr_workspace,
     _workspace_allocate,
     _workspace_free,
 )
@@ -77,46 +79,8 @@ cdef bint _refuse_workspaces():
 
 
 # ---------------------------------------------------------------------------
-# LAPACK: QR of a sample's tangents in place
+# QR of a sample's tangents in place (LAPACK wrappers in _layers.pxd)
 # ---------------------------------------------------------------------------
-
-cdef inline int _householder_qr(int n, int k, floating *a, floating *tau, floating *work,
-                                int lwork) noexcept nogil:
-    """a (n, k) column-major = Q R: R in the upper triangle, Householder vectors below (?geqrf)."""
-    cdef int info = 0
-    if floating is double:
-        dgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
-    else:
-        sgeqrf(&n, &k, a, &n, tau, work, &lwork, &info)
-    return info
-
-
-cdef inline int _form_q(int n, int k, floating *a, floating *tau, floating *work,
-                        int lwork) noexcept nogil:
-    """Overwrite the factored a (n, k) with the k orthonormal columns of Q (?orgqr)."""
-    cdef int info = 0
-    if floating is double:
-        dorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
-    else:
-        sorgqr(&n, &k, &k, a, &n, tau, work, &lwork, &info)
-    return info
-
-
-cdef int _qr_workspace(floating probe, int n, int k) noexcept nogil:
-    """The larger of ?geqrf's and ?orgqr's optimal lwork for an (n, k) matrix (LAPACK's query).
-
-    ``probe`` only selects the dtype.
-    """
-    cdef floating a = 0, tau = 0, geqrf_size = 0, orgqr_size = 0
-    cdef int query = -1, info = 0
-    if floating is double:
-        dgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
-        dorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
-    else:
-        sgeqrf(&n, &k, &a, &n, &tau, &geqrf_size, &query, &info)
-        sorgqr(&n, &k, &k, &a, &n, &tau, &orgqr_size, &query, &info)
-    return max(<int> geqrf_size, <int> orgqr_size, k, 1)
-
 
 cdef int _renormalise_tangents(Py_ssize_t samples, Py_ssize_t n, Py_ssize_t k, floating *t,
                                floating *tau, floating *work, int lwork,
