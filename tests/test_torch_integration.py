@@ -632,6 +632,43 @@ def test_profile_window_is_a_geometric_mean_and_no_step_raises():
     np.testing.assert_allclose(rows[1], 4 * rows[0], rtol=1e-5)
 
 
+def test_defect9_frozen_monitor_message_after_step():
+    """Issue 17, defect 9: a monitor whose parameters are all frozen said "call monitor.step()"
+    after step() was called; it says that every watched parameter is frozen, naming the layers."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    monitor = GradientMonitor(model)
+    with pytest.raises(RuntimeError, match="no step recorded") as before:
+        monitor.profile()
+    assert "call monitor.step()" in str(before.value)  # step() not called yet: unchanged advice
+    model(torch.randn(5, 3, requires_grad=True)).sum().backward()
+    monitor.step()
+    for result in (monitor.profile, monitor.check, lambda: monitor.recorded.last()):
+        with pytest.raises(RuntimeError, match="no step recorded") as after:
+            result()
+        message = str(after.value)
+        assert "every watched parameter is frozen (requires_grad=False)" in message
+        assert "frozen layers: 0, 2" in message and "1 step ended" in message
+        assert "call monitor.step()" not in message and "run a backward pass" not in message
+    monitor.close()
+    # steps ended by the optimizer say the same
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, optimizer=optimizer) as driven:
+        optimizer.step()
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="2 steps ended, but every watched parameter is frozen"):
+            driven.profile()
+    # trainable parameters that no backward pass reached before step(): no advice to call step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with GradientMonitor(model) as unreached:
+        unreached.step()
+        with pytest.raises(RuntimeError, match="no backward pass reached a watched parameter") as info:
+            unreached.profile()
+        assert "call monitor.step()" not in str(info.value) and "frozen" not in str(info.value)
+
+
 def test_plot_draws_one_line_per_layer():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -119,8 +119,10 @@ class GradientHistory:
         default of :meth:`clipping`.
     logger : logging.Logger, optional
         Where ``check(log=True)`` writes (default: the ``"vgcore"`` logger).
-    empty_hint : str, optional
-        Appended to the RuntimeError raised when nothing is recorded yet.
+    empty_hint : str or callable, optional
+        Appended to the RuntimeError raised when nothing is recorded yet; a
+        callable is called (no argument) at that moment for the text, so a
+        monitor can say what has happened so far.
 
     Raises
     ------
@@ -137,7 +139,7 @@ class GradientHistory:
         *,
         max_norm: float | None = None,
         logger: logging.Logger | None = None,
-        empty_hint: str = "",
+        empty_hint: str | Callable[[], str] = "",
     ) -> None:
         names = list(layer_names)
         if not names:
@@ -262,7 +264,8 @@ class GradientHistory:
 
     def _require_rows(self) -> None:
         if not self._rows:
-            raise RuntimeError("no step recorded yet" + (f"; {self._empty_hint}" if self._empty_hint else ""))
+            hint = self._empty_hint() if callable(self._empty_hint) else self._empty_hint
+            raise RuntimeError("no step recorded yet" + (f"; {hint}" if hint else ""))
 
     def _window(self, window: Any) -> tuple[int, np.ndarray, np.ndarray]:
         """(last step, per-layer geometric-mean norms over the window, frozen mask)."""

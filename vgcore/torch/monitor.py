@@ -182,7 +182,7 @@ class GradientMonitor:
             raise ValueError("step_on_backward: needs hooks=True (without hooks no backward pass is seen)")
         grouped = resolve_layers(model, layers)
         self._history = GradientHistory(list(grouped), max_norm=self.max_norm, logger=logger,
-                                        empty_hint=_NO_STEP_HINT)
+                                        empty_hint=self._empty_hint)
         self.model = model
         self.layer_names: list[str] = list(grouped)
         self._scaler = scaler
@@ -210,6 +210,8 @@ class GradientMonitor:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_args, **_kwargs: self.step()))
         self.steps = 0
+        # whether every watched parameter was frozen at the last step that recorded nothing
+        self._all_frozen_at_empty_step = False
         self._closed = False
         # per backward pass
         self._callback_queued = False
@@ -389,6 +391,7 @@ class GradientMonitor:
         step = self.steps
         self.steps += 1
         if not self._reached or self._param_sq is None:
+            self._all_frozen_at_empty_step = not any(p.requires_grad for p in self._params)
             return
         with torch.no_grad():
             layer_sq = self._param_sq.new_zeros(len(self.layer_names))
@@ -407,6 +410,24 @@ class GradientMonitor:
         self._pending.append((step, layer_norm, frozen))
         if len(self._pending) >= self.every:
             self._flush()
+
+    def _empty_hint(self) -> str:
+        """What to say when a result is asked for and no step is recorded: what happened so far."""
+        if not self.steps:
+            return _NO_STEP_HINT
+        ended = f"{self.steps} step{'s' if self.steps != 1 else ''} ended"
+        if self._all_frozen_at_empty_step:
+            names = self.layer_names
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} layers)" if len(names) > 6 else "")
+            return (
+                f"{ended}, but every watched parameter is frozen (requires_grad=False), so no "
+                f"gradient was recorded; frozen layers: {shown}. Unfreeze a layer, or watch "
+                "trainable ones (layers=)"
+            )
+        return (
+            f"{ended}, but no backward pass reached a watched parameter before any of them "
+            "(their .grad was None); run the backward pass before the step ends"
+        )
 
     def _flush(self) -> None:
         if not self._pending:
