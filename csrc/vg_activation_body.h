@@ -131,6 +131,18 @@ VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation)(int kind, VG_
     return r;
 }
 
+/* phi at an h far below the floats, given as h_scaled = h * 2^-e (e < -VG_SCALE_RANGE):
+   derivative = phi'(0+) or phi'(0-) by the sign of h (phi'(0) when h is 0), and
+   value = derivative * h_scaled, the scaled phi(h) - phi(0).  Exact to working precision:
+   |h| < 2^-RANGE, where the next term of every activation's expansion is negligible. */
+VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation_tiny)(int kind, VG_T h_scaled)
+{
+    VG_T probe = h_scaled > (VG_T)0 ? VG_SCALE_TINY : (h_scaled < (VG_T)0 ? -VG_SCALE_TINY : (VG_T)0);
+    VG_SFX(vg_pair) r = VG_SFX(vg_activation)(kind, probe);
+    r.value = r.derivative * h_scaled;
+    return r;
+}
+
 #ifndef __CUDACC_RTC__ /* host-only: NVRTC (CuPy) compiles device code alone */
 /*
  * The CPU kernels' fused elementwise pass over a row-major block (rows, n):

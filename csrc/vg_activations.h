@@ -59,6 +59,16 @@ enum {
 /* Saturation threshold on |phi'(h)| used by the gradient profile. */
 #define VG_SATURATION_THRESHOLD 1e-3
 
+/* The scaled forward pass (docs/ARCHITECTURE.md, "Rows below the floats"): a row of
+   activations whose largest entry is below 2^-VG_SCALE_RANGE is kept as a scaled row
+   times 2^e, e carried apart, so no forward pass underflows.  Below 2^-RANGE every
+   activation equals its linearisation at 0 to working precision (the next term is
+   2^-RANGE relative: 2^-100 in double, 2^-30 in float). */
+#define VG_SCALE_RANGE_D 100
+#define VG_SCALE_RANGE_F 30
+#define VG_SCALE_TINY_D 7.8886090522101180541172856528278622967320643510902e-31 /* 2^-100 */
+#define VG_SCALE_TINY_F 9.31322574615478515625e-10f                             /* 2^-30  */
+
 /* ---- double twin ------------------------------------------------------ */
 #define VG_T double
 #define VG_IS_DOUBLE 1
@@ -68,6 +78,7 @@ enum {
 #define VG_LOG1P log1p
 #define VG_ERF_FN erf
 #define VG_ERFC_FN erfc
+#define VG_SCALE_TINY VG_SCALE_TINY_D
 #include "vg_activation_body.h"
 #undef VG_T
 #undef VG_IS_DOUBLE
@@ -77,6 +88,7 @@ enum {
 #undef VG_LOG1P
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
+#undef VG_SCALE_TINY
 
 /* ---- float twin ------------------------------------------------------- */
 #define VG_T float
@@ -87,6 +99,7 @@ enum {
 #define VG_LOG1P log1pf
 #define VG_ERF_FN erff
 #define VG_ERFC_FN erfcf
+#define VG_SCALE_TINY VG_SCALE_TINY_F
 #include "vg_activation_body.h"
 #undef VG_T
 #undef VG_IS_DOUBLE
@@ -96,5 +109,6 @@ enum {
 #undef VG_LOG1P
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
+#undef VG_SCALE_TINY
 
 #endif /* VG_ACTIVATIONS_H */

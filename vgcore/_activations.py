@@ -30,6 +30,9 @@ SELU_SCALE = 1.0507009873554804934193349852946
 SATURATION_THRESHOLD = 1e-3
 #: The eps of layer and batch normalisation: (v - mean) / sqrt(var + eps) (VG_LAYER_NORM_EPS).
 LAYER_NORM_EPS = 1e-5
+#: The scaled forward pass: a row of activations whose largest entry is below 2**-SCALE_RANGE[dtype]
+#: is kept as a scaled row and a power-of-two exponent (VG_SCALE_RANGE_D, VG_SCALE_RANGE_F).
+SCALE_RANGE: dict[str, int] = {"float64": 100, "float32": 30}
 #: Where a stack's normalisation sits -> the kernels' code (VG_NORM_NONE, _PRE, _POST, _BATCH).
 NORM_CODES: dict[str | None, int] = {None: 0, "pre": 1, "post": 2, "batch": 3}
 

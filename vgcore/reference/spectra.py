@@ -36,8 +36,10 @@ def lyapunov_log_growth(weights, biases, x, k, activation_name, residual, norm, 
     tangents = np.zeros((batch, k, width), dtype=x.dtype)  # rows: the k tangents of a sample
     tangents[:, np.arange(k), np.arange(k)] = 1
     layers = []
+    exponent = None
     for weight, bias in zip(weights, biases, strict=True):
-        x, cache = stack_reference.layer_forward(weight, bias, x, activation_name, residual, norm)
+        x, cache = stack_reference.layer_forward(weight, bias, x, activation_name, residual, norm, exponent)
+        exponent = cache.out_exp
         mapped = stack_reference.layer_jvp(weight, cache, tangents, residual, norm)  # (B, k, n)
         q, r = np.linalg.qr(mapped.transpose(0, 2, 1))  # per sample: (n, k) = (n, k) (k, k)
         with np.errstate(divide="ignore"):  # a direction mapped to exactly 0: -inf

@@ -23,56 +23,171 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vgcore._activations import LAYER_NORM_EPS, SATURATION_THRESHOLD, activation
+from vgcore._activations import LAYER_NORM_EPS, SATURATION_THRESHOLD, SCALE_RANGE, activation
 
 
-def layer_norm(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LN over the last axis: ``((v - mean) * inv_std, inv_std)``, inv_std with a kept axis."""
+def layer_norm(v: np.ndarray, exponent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """LN over the last axis: ``((v - mean) * inv_std, inv_std)``, inv_std with a kept axis.
+
+    With ``exponent`` (B,) the rows are scaled (:func:`scaled_rows`): row b
+    stands for ``v_b * 2**exponent_b``, so its variance is ``var_b * 4**e_b``
+    and the normalised row, ``(v_b - mean_b) * inv_std_b``, carries the same
+    exponent (LN's eps keeps it tiny).  inv_std is always the true one.
+    """
     centred = v - v.mean(axis=-1, keepdims=True)
-    inv_std = 1.0 / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + LAYER_NORM_EPS)
+    variance = (centred * centred).mean(axis=-1, keepdims=True)
+    if exponent is not None:
+        variance = np.ldexp(variance, 2 * exponent[:, None]).astype(v.dtype, copy=False)
+    inv_std = 1.0 / np.sqrt(variance + LAYER_NORM_EPS)
     return (centred * inv_std).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
 
 
-def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: np.ndarray) -> np.ndarray:
+def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: np.ndarray,
+                                exponent: np.ndarray | None = None) -> np.ndarray:
     """Product of LN's Jacobian with ``g`` (the Jacobian is symmetric, so J g = J^T g).
 
     ``J = inv_std * (I - 1 1^T / n - xhat xhat^T / n)`` with ``xhat`` the normalised vector.
+    With ``exponent`` (broadcastable against ``normalised`` without its last
+    axis) ``normalised`` is scaled: xhat = normalised * 2**exponent, so the
+    last term carries 4**exponent.
     """
-    return inv_std * (
-        g - g.mean(axis=-1, keepdims=True) - normalised * (g * normalised).mean(axis=-1, keepdims=True)
-    )
+    projection = (g * normalised).mean(axis=-1, keepdims=True)
+    if exponent is not None:
+        projection = np.ldexp(projection, 2 * exponent[..., None]).astype(g.dtype, copy=False)
+    return inv_std * (g - g.mean(axis=-1, keepdims=True) - normalised * projection)
+
+
+# ---------------------------------------------------------------------------
+# Rows below the floats (docs/ARCHITECTURE.md): a row whose largest entry is below
+# 2**-SCALE_RANGE is kept as v * 2**e with max |v| in [0.5, 1) and e carried apart, so no
+# forward pass underflows.  Rows in range keep e = 0 and are computed as they always were.
+
+
+def scaled_rows(v: np.ndarray, exponent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``v * 2**exponent`` (B, n) re-expressed: ``(v', e')`` with e' = 0 where the row is in range.
+
+    A row whose largest magnitude M * 2**e is at least 2**-SCALE_RANGE is
+    returned unscaled (e' = 0); a smaller one is scaled by a power of two to
+    max |v'| in [0.5, 1); a zero row stays zero with e' = 0.
+    """
+    low = -SCALE_RANGE[v.dtype.name]
+    largest = np.max(np.abs(v), axis=-1)
+    _, k = np.frexp(largest)
+    top = exponent + k
+    zero = largest == 0
+    in_range = (top > low) | zero
+    shift = np.where(in_range, exponent, -k)  # in range: back to true values; else max into [0.5, 1)
+    out = np.ldexp(v, shift[:, None].astype(np.int32)).astype(v.dtype, copy=False)
+    return out, np.where(in_range, 0, top).astype(np.int64)
+
+
+def true_rows(v: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """The values ``v * 2**exponent`` in v's dtype (they may underflow: that is their true value)."""
+    return np.ldexp(v, exponent[:, None].astype(np.int32)).astype(v.dtype, copy=False)
+
+
+def scaled_activation(activation_name: str, hs: np.ndarray, exponent: np.ndarray,
+                      bias: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``phi(hs * 2**e + bias)`` for rows of scaled products hs (B, m): ``(f, e_f, phi')``.
+
+    Rows with e = 0 are the plain ``phi(hs + bias)``.  Any other row is first
+    put on one exponent with the bias (its largest entry in [0.5, 2)); if it
+    is then in range it is evaluated as true values, else every entry is below
+    2**-SCALE_RANGE and phi is its linearisation at 0: phi'(0+) or phi'(0-) by
+    the sign (vg_activation_tiny in csrc/vg_activation_body.h), times h, plus
+    phi(0) -- which, when it is not 0, swamps the rest and leaves a true row.
+    """
+    dtype = hs.dtype
+    low = -SCALE_RANGE[dtype.name]
+    scaled = exponent != 0
+    h = hs + bias
+    if not scaled.any():
+        f, derivative = activation(activation_name, h)
+        return f, np.zeros(len(hs), np.int64), derivative
+    h = h.copy()
+    e_f = np.zeros(len(hs), np.int64)
+    derivative = np.empty_like(hs)
+    f = np.empty_like(hs)
+    plain = ~scaled
+    f[plain], derivative[plain] = activation(activation_name, h[plain])
+    zero_value = activation(activation_name, np.zeros(1, dtype))[0][0]
+    bias_largest = np.max(np.abs(bias)) if bias.size else 0
+    _, k_bias = np.frexp(bias_largest)
+    for row in np.flatnonzero(scaled):
+        products, e = hs[row], int(exponent[row])
+        largest = np.max(np.abs(products))
+        if largest == 0 and bias_largest == 0:
+            f[row], derivative[row] = activation(activation_name, np.zeros_like(products))
+            continue
+        candidates = ([e + int(np.frexp(largest)[1])] if largest > 0 else []) + \
+                     ([int(k_bias)] if bias_largest > 0 else [])
+        e_h = max(candidates)
+        row_h = (np.ldexp(products, e - e_h) + np.ldexp(bias, -e_h)).astype(dtype)
+        if e_h > low:
+            f[row], derivative[row] = activation(activation_name, np.ldexp(row_h, e_h).astype(dtype))
+            continue
+        probe = (np.sign(row_h) * np.ldexp(1.0, low)).astype(dtype)
+        derivative[row] = activation(activation_name, probe)[1]
+        if zero_value != 0:
+            f[row] = zero_value
+        else:
+            f[row], e_f[row] = derivative[row] * row_h, e_h
+    return f, e_f, derivative
+
+
+def add_scaled(a: np.ndarray, e_a: np.ndarray, b: np.ndarray,
+               e_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a * 2**e_a + b * 2**e_b`` row by row, on the larger of the two exponents."""
+    top = np.maximum(e_a, e_b)
+    total = (np.ldexp(a, (e_a - top)[:, None].astype(np.int32))
+             + np.ldexp(b, (e_b - top)[:, None].astype(np.int32))).astype(a.dtype, copy=False)
+    return total, top
 
 
 @dataclass
 class LayerCache:
-    """What one layer's forward pass keeps for its Jacobian products."""
+    """What one layer's forward pass keeps for its Jacobian products.
+
+    ``u`` and ``out`` are scaled rows: their true values are ``u * 2**u_exp``
+    and ``out * 2**out_exp`` (exponents 0 but for rows below the floats).
+    """
 
     u: np.ndarray  # input of the linear map, LN(x) or x
+    u_exp: np.ndarray  # (B,) int
     inv_std_pre: np.ndarray | None
     derivative: np.ndarray  # phi'(h)
     out: np.ndarray  # x', the layer's output
+    out_exp: np.ndarray  # (B,) int
     inv_std_post: np.ndarray | None
 
 
-def layer_forward(weight, bias, x, activation_name, residual, norm) -> tuple[np.ndarray, LayerCache]:
-    """One layer of the stack; returns ``(x', cache)``."""
+def layer_forward(weight, bias, x, activation_name, residual, norm,
+                  exponent: np.ndarray | None = None) -> tuple[np.ndarray, LayerCache]:
+    """One layer of the stack; returns ``(x', cache)``, x' scaled by ``cache.out_exp``.
+
+    ``exponent`` (B,) is x's (zeros when None): x's true rows are x * 2**exponent.
+    """
+    if exponent is None:
+        x, exponent = scaled_rows(x, np.zeros(len(x), np.int64))
     inv_std_pre = inv_std_post = None
     u = x
     if norm == "pre":
-        u, inv_std_pre = layer_norm(x)
-    h = u @ weight.T + bias
-    f, derivative = activation(activation_name, h)
-    y = x + residual * f if residual is not None else f
+        u, inv_std_pre = layer_norm(x, exponent)
+    f, e_f, derivative = scaled_activation(activation_name, u @ weight.T, exponent, bias)
+    if residual is not None:
+        y, e_y = add_scaled(x, exponent, (residual * f).astype(x.dtype, copy=False), e_f)
+    else:
+        y, e_y = f, e_f
     out = y
     if norm == "post":
-        out, inv_std_post = layer_norm(y)
-    out = out.astype(x.dtype, copy=False)
-    return out, LayerCache(u, inv_std_pre, derivative, out, inv_std_post)
+        out, inv_std_post = layer_norm(y, e_y)
+    out, out_exp = scaled_rows(out.astype(x.dtype, copy=False), e_y)
+    return out, LayerCache(u, exponent, inv_std_pre, derivative, out, out_exp, inv_std_post)
 
 
 def _expand(cache_array, k_axis: bool):
-    """Broadcast a per-sample cache (B, n) against vectors (B, k, n) when ``k_axis``."""
-    return cache_array[:, None, :] if k_axis else cache_array
+    """Broadcast a per-sample cache (B, n) or exponent (B,) against vectors (B, k, n) when ``k_axis``."""
+    return cache_array[:, None, ...] if k_axis else cache_array
 
 
 def layer_vjp(weight, cache: LayerCache, g, residual, norm) -> tuple[np.ndarray, np.ndarray]:
@@ -82,14 +197,14 @@ def layer_vjp(weight, cache: LayerCache, g, residual, norm) -> tuple[np.ndarray,
     """
     k_axis = g.ndim == 3
     if norm == "post":
-        g = layer_norm_jacobian_product(
-            g, _expand(cache.out, k_axis), _expand(cache.inv_std_post, k_axis)
-        )
+        g = layer_norm_jacobian_product(g, _expand(cache.out, k_axis), _expand(cache.inv_std_post, k_axis),
+                                        _expand(cache.out_exp, k_axis))
     g_f = residual * g if residual is not None else g
     g_h = g_f * _expand(cache.derivative, k_axis)
     g_u = g_h @ weight
     if norm == "pre":
-        g_u = layer_norm_jacobian_product(g_u, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis))
+        g_u = layer_norm_jacobian_product(g_u, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis),
+                                          _expand(cache.u_exp, k_axis))
     g_x = g_u + g if residual is not None else g_u
     return g_x.astype(g.dtype, copy=False), g_h
 
@@ -99,24 +214,26 @@ def layer_jvp(weight, cache: LayerCache, t, residual, norm) -> np.ndarray:
     k_axis = t.ndim == 3
     t_u = t
     if norm == "pre":
-        t_u = layer_norm_jacobian_product(t, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis))
+        t_u = layer_norm_jacobian_product(t, _expand(cache.u, k_axis), _expand(cache.inv_std_pre, k_axis),
+                                          _expand(cache.u_exp, k_axis))
     t_h = t_u @ weight.T
     t_f = _expand(cache.derivative, k_axis) * t_h
     t_y = t + residual * t_f if residual is not None else t_f
     if norm == "post":
-        t_y = layer_norm_jacobian_product(
-            t_y, _expand(cache.out, k_axis), _expand(cache.inv_std_post, k_axis)
-        )
+        t_y = layer_norm_jacobian_product(t_y, _expand(cache.out, k_axis),
+                                          _expand(cache.inv_std_post, k_axis), _expand(cache.out_exp, k_axis))
     return t_y.astype(t.dtype, copy=False)
 
 
 def forward_with_caches(weights, biases, x, activation_name, residual, norm):
-    """Forward pass keeping every layer's cache: ``(x_L, [cache_1, ..., cache_L])``."""
+    """Forward pass keeping every layer's cache: ``(x_L, [cache_1, ..., cache_L])``, x_L true values."""
     caches = []
+    exponent = None
     for weight, bias in zip(weights, biases, strict=True):
-        x, cache = layer_forward(weight, bias, x, activation_name, residual, norm)
+        x, cache = layer_forward(weight, bias, x, activation_name, residual, norm, exponent)
+        exponent = cache.out_exp
         caches.append(cache)
-    return x, caches
+    return (x if exponent is None else true_rows(x, exponent)), caches
 
 
 def forward(weights, biases, x, activation_name, residual, norm) -> np.ndarray:
@@ -140,9 +257,11 @@ def renormalised_backward(depth: int, grad_output: np.ndarray, layer_vjp_at, *,
     """The renormalised backward pass of every model kind's reference.
 
     ``layer_vjp_at(l, g)`` maps the unit-scaled cotangent g (B, n) at the
-    output of layer (step) l = depth .. 1 to ``(g_in, g_h, u)``: the cotangent
-    at the layer's input, the cotangent at its pre-activations (B, m) and the
-    linear input u (B, n) whose outer products with g_h make d loss / d W_l.
+    output of layer (step) l = depth .. 1 to ``(g_in, g_h, u)`` or
+    ``(g_in, g_h, u, u_exp)``: the cotangent at the layer's input, the
+    cotangent at its pre-activations (B, m) and the linear input u (B, n),
+    scaled by 2**u_exp (B,) when given, whose outer products with g_h make
+    d loss / d W_l.
 
     Each sample's cotangent is rescaled to unit norm after every layer and the
     log of the factor carried in float64, so the logs are exact at any depth.
@@ -174,11 +293,13 @@ def renormalised_backward(depth: int, grad_output: np.ndarray, layer_vjp_at, *,
                 log_scale = log_scale + np.where(np.isfinite(log_norm_b), log_norm_b, 0.0)
             if layer == 0:
                 break
-            g, g_h, u = layer_vjp_at(layer, g)
-            sample_weight = np.exp(log_scale - log_scale.max())
+            g, g_h, u, *u_exp = layer_vjp_at(layer, g)
+            # sample b's term is exp(log_scale_b) g_h,b (u_b 2**e_b): weighted relative to the largest
+            sample_log = log_scale + (u_exp[0] * np.log(2.0) if u_exp else 0.0)
+            sample_weight = np.exp(sample_log - sample_log.max())
             weight_grad = (g_h * sample_weight[:, None].astype(g_h.dtype)).T @ u
             log_weight_norm = log_row_norms(weight_grad.reshape(1, -1))[0][0]
-            log_weight_grad_norm[layer - 1] = log_scale.max() + log_weight_norm
+            log_weight_grad_norm[layer - 1] = sample_log.max() + log_weight_norm
     return {"log_grad_norm": log_grad_norm, "log_weight_grad_norm": log_weight_grad_norm}
 
 
@@ -211,7 +332,7 @@ def gradient_profile(weights, biases, x, grad_output, activation_name, residual,
     def layer_vjp_at(layer, g):
         cache = caches[layer - 1]
         g, g_h = layer_vjp(weights[layer - 1], cache, g, residual, norm)
-        return g, g_h, cache.u
+        return g, g_h, cache.u, cache.u_exp
 
     result = renormalised_backward(len(weights), grad_output, layer_vjp_at)
     return {**result, **derivative_statistics(np.stack([cache.derivative for cache in caches]))}
