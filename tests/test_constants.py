@@ -15,9 +15,27 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 @pytest.mark.parametrize("name", ["LEAKY_SLOPE", "SELU_ALPHA", "SELU_SCALE", "SATURATION_THRESHOLD",
-                                  "LAYER_NORM_EPS"])
+                                  "LAYER_NORM_EPS", "SCALE_RANGE"])
 def test_compiled_scalars_equal_python(name):
     assert _kernels.compiled_constants()[name] == getattr(_activations, name)
+
+
+def test_scale_range_is_where_every_activation_is_its_linearisation():
+    """Below 2**-SCALE_RANGE the scaled forward pass uses phi(h) = phi(0) + phi'(0+-) h: the next term
+    of every activation must be below the dtype's rounding there (and the threshold a power of two
+    the header spells exactly)."""
+    header = (CSRC / "vg_activations.h").read_text()
+    for dtype, suffix in ((np.float64, "D"), (np.float32, "F")):
+        power = _activations.SCALE_RANGE[np.dtype(dtype).name]
+        literal = re.search(rf"#define VG_SCALE_TINY_{suffix} ([0-9.e+-]+)f?", header).group(1)
+        assert float(literal) == 2.0 ** -power
+        for name in _activations.ACTIVATION_TABLE:
+            for sign in (1.0, -1.0):
+                h = np.array([sign * 2.0 ** -power], dtype)
+                value, derivative = _activations.activation(name, h.astype(np.float64))
+                zero = _activations.activation(name, np.zeros(1))[0]
+                linear = zero + derivative * h.astype(np.float64)
+                assert abs(value[0] - linear[0]) <= np.finfo(dtype).eps * max(abs(value[0]), 1e-300), name
 
 
 def test_compiled_norm_codes_equal_python():

@@ -31,7 +31,7 @@ transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport exp
+from libc.math cimport M_LN2, exp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -46,6 +46,8 @@ from vgcore._ext._layers cimport (
     VG_SELU_SCALE,
     NORM_PRE,
     VG_SATURATION_THRESHOLD,
+    VG_SCALE_RANGE_D,
+    VG_SCALE_RANGE_F,
     Workspace,
     _activation_block,
     _block_start,
@@ -58,6 +60,8 @@ from vgcore._ext._layers cimport (
     _piece,
     _recompute_pre_norm,
     _renormalise_rows,
+    _scale_rows,
+    _true_rows,
     _vjp_layer,
     _workspace_allocate,
     _workspace_free,
@@ -125,6 +129,7 @@ def compiled_constants():
         "LAYER_NORM_EPS": LAYER_NORM_EPS,
         "NORM_CODES": {None: NORM_NONE, "pre": NORM_PRE, "post": NORM_POST, "batch": NORM_BATCH},
         "N_ACTIVATIONS": VG_N_ACTIVATIONS,
+        "SCALE_RANGE": {"float64": VG_SCALE_RANGE_D, "float32": VG_SCALE_RANGE_F},
     }
 
 
@@ -161,11 +166,13 @@ cdef inline void _count_derivatives(Py_ssize_t rows, Py_ssize_t n, const floatin
 
 cdef void _forward_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, floating **ping,
                           floating **pong, floating **derivative, floating **u_work,
-                          floating **mean_pre, floating **inv_pre, floating **inv_post) noexcept nogil:
+                          floating **mean_pre, floating **inv_pre, floating **inv_post,
+                          double **exps) noexcept nogil:
     """forward's workspace for blocks of up to ``rows`` samples.
 
     Two layer outputs in turn (ping, pong), and one layer's phi'(h), LN(x)
-    for pre-norm and LN statistics, all (rows, n) or (rows,).
+    for pre-norm and LN statistics, all (rows, n) or (rows,); the exponents
+    of ping's and pong's rows, exps (2, rows).
     """
     cdef floating kind = 0
     ping[0] = _piece(space, rows * n, kind)
@@ -175,6 +182,7 @@ cdef void _forward_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, float
     mean_pre[0] = _piece(space, rows, kind)
     inv_pre[0] = _piece(space, rows, kind)
     inv_post[0] = _piece(space, rows, kind)
+    exps[0] = _piece(space, 2 * rows, <double> 0)
 
 
 def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
@@ -193,6 +201,7 @@ def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
     cdef floating *mean_pre
     cdef floating *inv_pre
     cdef floating *inv_post
+    cdef double *exps
     cdef const floating *source
     cdef floating *target
     cdef floating res = <floating> residual
@@ -201,31 +210,38 @@ def forward(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
     cdef int *failure = &failed
     cdef Workspace space = _measuring()
     _forward_pieces(&space, max_rows, n, &ping, &pong, &derivative, &u_work, &mean_pre, &inv_pre,
-                    &inv_post)
+                    &inv_post, &exps)
     cdef size_t size = space.used
     refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
         # assigned in the region, so each thread has its own (Cython makes them private)
         ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = NULL
+        exps = NULL
         space = _workspace_allocate(size, refuse)
         if space.base == NULL:
             failure[0] = 1
         else:
             _forward_pieces(&space, max_rows, n, &ping, &pong, &derivative, &u_work, &mean_pre,
-                            &inv_pre, &inv_post)
+                            &inv_pre, &inv_post, &exps)
         for block in prange(n_blocks, schedule='static'):
             if space.base == NULL:
                 continue
             start = _block_start(block, n_blocks, batch)
             stop = _block_start(block + 1, n_blocks, batch)
             rows = stop - start
-            source = &x[start, 0]
+            # the inputs, scaled where below the floats, start from pong (layer 0 writes ping)
+            memcpy(pong, &x[start, 0], rows * n * sizeof(floating))
+            memset(exps + max_rows, 0, rows * sizeof(double))
+            _scale_rows(rows, n, pong, exps + max_rows)
+            source = pong
             for layer in range(depth):
                 target = &out[start, 0] if layer == depth - 1 else (ping if layer % 2 == 0 else pong)
                 _forward_layer(rows, n, activation, has_residual, res, norm, &weights[layer, 0, 0],
                                &biases[layer, 0], source, target, derivative, u_work, mean_pre,
-                               inv_pre, inv_post)
+                               inv_pre, inv_post, exps + (max_rows if layer % 2 == 0 else 0),
+                               exps + (0 if layer % 2 == 0 else max_rows))
                 source = target
+            _true_rows(rows, n, &out[start, 0], exps + (0 if (depth - 1) % 2 == 0 else max_rows))
         _workspace_free(&space)
     if failed:
         raise _workspace_error("forward", size)
@@ -240,13 +256,14 @@ cdef void _forward_layers(Py_ssize_t count, Py_ssize_t n, Py_ssize_t batch, Py_s
                           const floating *weights, const floating *biases, floating *xs,
                           floating *derivatives, floating *mean_pre, floating *inv_pre,
                           floating *inv_post, long long *saturated, unsigned char *alive,
-                          floating *u_work) noexcept nogil:
+                          floating *u_work, double *x_exps) noexcept nogil:
     """Forward of samples [start, start + rows) through ``count`` consecutive layers, keeping all.
 
     weights / biases point at the first layer's parameters; xs holds count+1
-    planes (B, n) whose first already holds the input rows; derivatives
-    count planes; mean_pre / inv_pre / inv_post count rows of B.  saturated
-    (count,) and alive (count, n) accumulate this block's counts unless NULL.
+    planes (B, n) whose first already holds the input rows, with their
+    exponents in x_exps (count+1, B) (_scale_rows); derivatives count planes;
+    mean_pre / inv_pre / inv_post count rows of B.  saturated (count,) and
+    alive (count, n) accumulate this block's counts unless NULL.
     """
     cdef Py_ssize_t layer, plane = batch * n
     for layer in range(count):
@@ -254,7 +271,8 @@ cdef void _forward_layers(Py_ssize_t count, Py_ssize_t n, Py_ssize_t batch, Py_s
                        biases + layer * n, xs + layer * plane + start * n,
                        xs + (layer + 1) * plane + start * n, derivatives + layer * plane + start * n,
                        u_work, mean_pre + layer * batch + start, inv_pre + layer * batch + start,
-                       inv_post + layer * batch + start)
+                       inv_post + layer * batch + start, x_exps + layer * batch + start,
+                       x_exps + (layer + 1) * batch + start)
         if saturated != NULL:
             _count_derivatives(rows, n, derivatives + layer * plane + start * n, saturated + layer,
                                alive + layer * n)
@@ -266,7 +284,7 @@ cdef void _backward_layers(Py_ssize_t count, Py_ssize_t first, Py_ssize_t depth,
                            floating *derivatives, const floating *mean_pre, const floating *inv_pre,
                            const floating *inv_post, double *log_scale_h, double *log_grad_norm,
                            floating *g, double *log_scale, floating *work,
-                           floating *u_work) noexcept nogil:
+                           floating *u_work, const double *x_exps) noexcept nogil:
     """Renormalised backward of the rows through layers first+count .. first+1 (global numbering).
 
     The arrays are those of _forward_layers for the same layers.  g (rows, n)
@@ -283,7 +301,8 @@ cdef void _backward_layers(Py_ssize_t count, Py_ssize_t first, Py_ssize_t depth,
                    xs + layer * plane + start * n, xs + (layer + 1) * plane + start * n,
                    derivatives + layer * plane + start * n, mean_pre + layer * batch + start,
                    inv_pre + layer * batch + start, inv_post + layer * batch + start, g,
-                   derivatives + layer * plane + start * n, work, u_work)
+                   derivatives + layer * plane + start * n, work, u_work, x_exps + layer * batch + start,
+                   x_exps + (layer + 1) * batch + start)
         _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + first + layer,
                           depth + 1)
 
@@ -295,7 +314,7 @@ cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ss
                          floating *mean_pre, floating *inv_pre, floating *inv_post, double *log_scale_h,
                          double *log_grad_norm, long long *saturated, unsigned char *alive,
                          floating *g, floating *work, floating *u_work,
-                         double *log_scale) noexcept nogil:
+                         double *log_scale, double *x_exps) noexcept nogil:
     """Forward and renormalised backward of samples [start, start + rows) through every layer.
 
     Layouts: weights (L, n, n), biases (L, n), x and grad_output (B, n), xs
@@ -303,17 +322,20 @@ cdef void _profile_block(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch, Py_ss
     cotangents at h), mean_pre / inv_pre / inv_post / log_scale_h (L, B),
     log_grad_norm (B, L+1); saturated (L,) and alive (L, n) accumulate this
     block's counts.  Scratch (_profile_pieces): the cotangent g, work and
-    u_work (rows, n), and g's log scales log_scale (rows,).
+    u_work (rows, n), and g's log scales log_scale (rows,).  x_exps (L+1, B):
+    the exponents of the rows of xs (_scale_rows).
     """
     memcpy(xs + start * n, x + start * n, rows * n * sizeof(floating))
+    memset(x_exps + start, 0, rows * sizeof(double))
+    _scale_rows(rows, n, xs + start * n, x_exps + start)
     _forward_layers(depth, n, batch, start, rows, activation, has_residual, res, norm, weights, biases,
-                    xs, derivatives, mean_pre, inv_pre, inv_post, saturated, alive, u_work)
+                    xs, derivatives, mean_pre, inv_pre, inv_post, saturated, alive, u_work, x_exps)
     memcpy(g, grad_output + start * n, rows * n * sizeof(floating))
     memset(log_scale, 0, rows * sizeof(double))
     _renormalise_rows(rows, n, g, log_scale, log_grad_norm + start * (depth + 1) + depth, depth + 1)
     _backward_layers(depth, 0, depth, n, batch, start, rows, has_residual, res, norm, weights, xs,
                      derivatives, mean_pre, inv_pre, inv_post, log_scale_h, log_grad_norm, g, log_scale,
-                     work, u_work)
+                     work, u_work, x_exps)
 
 
 cdef void _profile_pieces(Workspace *space, Py_ssize_t rows, Py_ssize_t n, floating **g,
@@ -341,11 +363,13 @@ cdef inline Py_ssize_t _weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t n) 
 cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
                                   const floating *cotangents_h, const floating *x_in,
                                   const floating *mean_pre, const floating *inv_pre,
-                                  const double *log_scale_h, floating *scratch) noexcept nogil:
+                                  const double *log_scale_h, const double *u_exp,
+                                  floating *scratch) noexcept nogil:
     """log ||sum_b exp(s_b) g_b u_b^T||_F of one layer.
 
     g_b (B, n) are the unit-scaled cotangents at h with log scales s_b, u_b
-    the layer's linear inputs (recomputed from its input x_in for pre-norm).
+    the layer's linear inputs (recomputed from its input x_in for pre-norm),
+    scaled rows with exponents u_exp (B,): s_b gains u_exp_b log 2.
     Samples are weighted by exp(s_b - max s), so the sum is exact whatever
     the spread of scales; the norm of the weighted sum comes from
     _layers._log_norm_of_outer_sum (U scaled so its squares cannot underflow;
@@ -354,12 +378,12 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
     cdef Py_ssize_t b, i
     cdef floating *g = scratch
     cdef floating *u = scratch + batch * n
-    cdef double top = log_scale_h[0], weight
+    cdef double top = log_scale_h[0] + u_exp[0] * M_LN2, weight
     for b in range(batch):
-        if log_scale_h[b] > top:
-            top = log_scale_h[b]
+        if log_scale_h[b] + u_exp[b] * M_LN2 > top:
+            top = log_scale_h[b] + u_exp[b] * M_LN2
     for b in range(batch):
-        weight = exp(log_scale_h[b] - top)
+        weight = exp(log_scale_h[b] + u_exp[b] * M_LN2 - top)
         for i in range(n):
             g[b * n + i] = <floating> (weight * cotangents_h[b * n + i])
     if norm == NORM_PRE:
@@ -374,7 +398,7 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
                      bint has_residual, double residual, int norm,
                      floating[:, :, ::1] xs, floating[:, :, ::1] derivatives,
                      floating[:, ::1] mean_pre, floating[:, ::1] inv_pre, floating[:, ::1] inv_post,
-                     double[:, ::1] log_scale_h, double[:, ::1] log_grad_norm,
+                     double[:, ::1] log_scale_h, double[:, ::1] x_exp, double[:, ::1] log_grad_norm,
                      double[::1] log_weight_grad_norm, long long[:, ::1] saturated,
                      unsigned char[:, :, ::1] alive, int n_threads):
     """Forward, renormalised backward and weight-gradient norms of one stack.
@@ -382,7 +406,8 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
     Workspaces (allocated by the caller): xs (L+1, B, n) the layer outputs,
     derivatives (L, B, n) phi'(h) and then the unit-scaled cotangents at h,
     mean_pre / inv_pre / inv_post (L, B) LN statistics, log_scale_h (L, B)
-    the log scale of those cotangents.  Outputs: log_grad_norm (B, L+1),
+    the log scale of those cotangents, x_exp (L+1, B) the exponents of the
+    rows of xs (the scaled forward pass, _layers._scale_rows).  Outputs: log_grad_norm (B, L+1),
     log_weight_grad_norm (L,), and per block of samples the saturated counts
     saturated (blocks, L) and the alive flags alive (blocks, L, n) (zeroed by
     the caller), which the caller reduces into fractions.  The batch is cut
@@ -424,25 +449,25 @@ def gradient_profile(const floating[:, :, ::1] weights, const floating[:, ::1] b
                            &x[0, 0], &grad_output[0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
                            &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
                            &log_grad_norm[0, 0], &saturated[block, 0], &alive[block, 0, 0],
-                           g, work, u_work, log_scale)
+                           g, work, u_work, log_scale, &x_exp[0, 0])
         _workspace_free(&space)
     if failed:
         raise _workspace_error("gradient_profile", size)
     _weight_gradient_norms(depth, batch, n, norm, &derivatives[0, 0, 0], &xs[0, 0, 0], &mean_pre[0, 0],
-                           &inv_pre[0, 0], &log_scale_h[0, 0], &log_weight_grad_norm[0], n_threads,
-                           "gradient_profile")
+                           &inv_pre[0, 0], &log_scale_h[0, 0], &x_exp[0, 0], &log_weight_grad_norm[0],
+                           n_threads, "gradient_profile")
 
 
 cdef int _weight_gradient_norms(Py_ssize_t count, Py_ssize_t batch, Py_ssize_t n, int norm,
                                 const floating *derivatives, const floating *xs,
                                 const floating *mean_pre, const floating *inv_pre,
-                                const double *log_scale_h, double *out, int n_threads,
-                                str kernel) except -1:
+                                const double *log_scale_h, const double *x_exps, double *out,
+                                int n_threads, str kernel) except -1:
     """out[l] <- _weight_gradient_norm of layer l, for ``count`` layers, in parallel over layers.
 
     The arrays are gradient_profile's workspaces from the first of the
     layers on: derivatives (holding the cotangents at h) and xs (count, B, n),
-    mean_pre, inv_pre and log_scale_h (count, B).  Raises MemoryError naming
+    mean_pre, inv_pre, log_scale_h and x_exps (count, B).  Raises MemoryError naming
     ``kernel`` when a thread's scratch cannot be allocated.
     """
     cdef Py_ssize_t layer, plane = batch * n
@@ -467,7 +492,7 @@ cdef int _weight_gradient_norms(Py_ssize_t count, Py_ssize_t batch, Py_ssize_t n
             out[layer] = _weight_gradient_norm(batch, n, norm, derivatives + layer * plane,
                                                xs + layer * plane, mean_pre + layer * batch,
                                                inv_pre + layer * batch, log_scale_h + layer * batch,
-                                               scratch)
+                                               x_exps + layer * batch, scratch)
         _workspace_free(&space)
     if failed:
         raise _workspace_error(kernel, size)
@@ -489,6 +514,7 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
                                floating[:, :, ::1] xs, floating[:, :, ::1] derivatives,
                                floating[:, ::1] mean_pre, floating[:, ::1] inv_pre,
                                floating[:, ::1] inv_post, double[:, ::1] log_scale_h,
+                               double[:, ::1] checkpoint_exp, double[:, ::1] x_exp,
                                floating[:, ::1] g, double[::1] log_scale, double[:, ::1] log_grad_norm,
                                double[::1] log_weight_grad_norm, long long[:, ::1] saturated,
                                unsigned char[:, :, ::1] alive, int n_threads):
@@ -499,7 +525,9 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
     the top, recomputing the segment's forward pass into the segment-sized
     workspaces xs (S+1, B, n), derivatives (S, B, n), mean_pre / inv_pre /
     inv_post / log_scale_h (S, B), and carrying the cotangent g (B, n) and
-    its log scale (B,) from one segment to the next.  One extra forward pass
+    its log scale (B,) from one segment to the next.  The exponents of the
+    scaled rows (_layers._scale_rows) go with them: checkpoint_exp
+    (ceil(L / S), B) and x_exp (S+1, B).  One extra forward pass
     for memory (L/S + 2S) B n instead of 2 L B n; the same operations as
     gradient_profile in the same order, so the results are bitwise equal.
     Raises MemoryError when a thread's workspace cannot be allocated.
@@ -533,15 +561,19 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
             start = _block_start(block, n_blocks, batch)
             rows = _block_start(block + 1, n_blocks, batch) - start
             memcpy(&xs[0, start, 0], &x[start, 0], rows * n * sizeof(floating))
+            memset(&x_exp[0, start], 0, rows * sizeof(double))
+            _scale_rows(rows, n, &xs[0, start, 0], &x_exp[0, start])
             for seg in range(n_segments):
                 first = seg * segment
                 count = min(segment, depth - first)
                 memcpy(&checkpoints[seg, start, 0], &xs[0, start, 0], rows * n * sizeof(floating))
+                memcpy(&checkpoint_exp[seg, start], &x_exp[0, start], rows * sizeof(double))
                 _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
                                 &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
                                 &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
-                                &saturated[block, first], &alive[block, first, 0], u_work)
+                                &saturated[block, first], &alive[block, first, 0], u_work, &x_exp[0, 0])
                 memcpy(&xs[0, start, 0], &xs[count, start, 0], rows * n * sizeof(floating))
+                memcpy(&x_exp[0, start], &x_exp[count, start], rows * sizeof(double))
             memcpy(&g[start, 0], &grad_output[start, 0], rows * n * sizeof(floating))
             memset(&log_scale[start], 0, rows * sizeof(double))
             _renormalise_rows(rows, n, &g[start, 0], &log_scale[start], &log_grad_norm[start, depth],
@@ -567,19 +599,21 @@ def gradient_profile_segmented(const floating[:, :, ::1] weights, const floating
                 start = _block_start(block, n_blocks, batch)
                 rows = _block_start(block + 1, n_blocks, batch) - start
                 memcpy(&xs[0, start, 0], &checkpoints[seg, start, 0], rows * n * sizeof(floating))
+                memcpy(&x_exp[0, start], &checkpoint_exp[seg, start], rows * sizeof(double))
                 _forward_layers(count, n, batch, start, rows, activation, has_residual, res, norm,
                                 &weights[first, 0, 0], &biases[first, 0], &xs[0, 0, 0],
                                 &derivatives[0, 0, 0], &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0],
-                                <long long *> NULL, <unsigned char *> NULL, u_work)
+                                <long long *> NULL, <unsigned char *> NULL, u_work, &x_exp[0, 0])
                 _backward_layers(count, first, depth, n, batch, start, rows, has_residual, res, norm,
                                  &weights[first, 0, 0], &xs[0, 0, 0], &derivatives[0, 0, 0],
                                  &mean_pre[0, 0], &inv_pre[0, 0], &inv_post[0, 0], &log_scale_h[0, 0],
-                                 &log_grad_norm[0, 0], &g[start, 0], &log_scale[start], work, u_work)
+                                 &log_grad_norm[0, 0], &g[start, 0], &log_scale[start], work, u_work,
+                                 &x_exp[0, 0])
             _workspace_free(&space)
         if failed:
             raise _workspace_error("gradient_profile_segmented", size)
         _weight_gradient_norms(count, batch, n, norm, &derivatives[0, 0, 0], &xs[0, 0, 0],
-                               &mean_pre[0, 0], &inv_pre[0, 0], &log_scale_h[0, 0],
+                               &mean_pre[0, 0], &inv_pre[0, 0], &log_scale_h[0, 0], &x_exp[0, 0],
                                &log_weight_grad_norm[first], n_threads, "gradient_profile_segmented")
 
 
@@ -626,7 +660,7 @@ def gradient_profiles(list weights, list biases,
     cdef bint refuse
     cdef Workspace space = _measuring()
     _piece(&space, values, <floating> 0)
-    _piece(&space, depth * batch + batch, <double> 0)
+    _piece(&space, depth * batch + batch + (depth + 1) * batch, <double> 0)
     cdef size_t size = space.used
     if len(weights) != n_stacks or len(biases) != n_stacks:
         raise ValueError(f"gradient_profiles: {n_stacks} inputs but {len(weights)} weight and "
@@ -662,11 +696,12 @@ def gradient_profiles(list weights, list biases,
                 failure[0] = 1
             else:
                 buffer = _piece(&space, values, <floating> 0)
-                scales = _piece(&space, depth * batch + batch, <double> 0)
+                scales = _piece(&space, depth * batch + batch + (depth + 1) * batch, <double> 0)
             for c in prange(n_stacks, schedule='dynamic'):
                 if space.base == NULL:
                     continue
                 # buffer: xs (L+1, B, n) | derivatives (L, B, n) | mean, inv_pre, inv_post (L, B) | scratch
+                # scales: log_scale_h (L, B) | log_scale (B,) | exponents of xs (L+1, B)
                 xs = buffer
                 derivatives = xs + (depth + 1) * plane
                 stats = derivatives + depth * plane
@@ -676,12 +711,13 @@ def gradient_profiles(list weights, list biases,
                                &x[c, 0, 0], &grad_output[c, 0, 0], xs, derivatives, stats,
                                stats + depth * batch, stats + 2 * depth * batch, scales,
                                &log_grad_norm[c, 0, 0], &saturated[c, 0], &alive[c, 0, 0], scratch,
-                               scratch + batch * n, scratch + 2 * batch * n, scales + depth * batch)
+                               scratch + batch * n, scratch + 2 * batch * n, scales + depth * batch,
+                               scales + (depth + 1) * batch)
                 for layer in range(depth):
                     log_weight_grad_norm[c, layer] = _weight_gradient_norm(
                         batch, n, norms[c], derivatives + layer * plane, xs + layer * plane,
                         stats + layer * batch, stats + (depth + layer) * batch, scales + layer * batch,
-                        scratch)
+                        scales + (depth + 1 + layer) * batch, scratch)
             _workspace_free(&space)
     finally:
         free(weight_pointers)
@@ -740,12 +776,13 @@ def work_items(Py_ssize_t batch, Py_ssize_t k, Py_ssize_t n_partitions):
 cdef void _jvp_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t rows, Py_ssize_t n,
                       floating **ping, floating **pong, floating **derivative,
                       floating **u_work, floating **mean_pre, floating **inv_pre, floating **inv_post,
-                      floating **work, floating **work2) noexcept nogil:
+                      floating **work, floating **work2, double **exps) noexcept nogil:
     """jvp's workspace for items of up to ``samples`` samples and ``rows`` tangents.
 
     Two layer outputs in turn (ping, pong; an item starts from ping), and a
     layer's phi'(h), LN(x) for pre-norm (samples, n) and LN statistics
-    (samples,); _jvp_layer's scratch work and work2 (rows, n).
+    (samples,); _jvp_layer's scratch work and work2 (rows, n); the exponents
+    of ping's and pong's rows, exps (2, samples).
     """
     cdef floating kind = 0
     ping[0] = _piece(space, samples * n, kind)
@@ -757,6 +794,7 @@ cdef void _jvp_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t rows, Py_
     inv_post[0] = _piece(space, samples, kind)
     work[0] = _piece(space, rows * n, kind)
     work2[0] = _piece(space, rows * n, kind)
+    exps[0] = _piece(space, 2 * samples, <double> 0)
 
 
 def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
@@ -784,24 +822,29 @@ def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const 
     cdef floating *inv_post
     cdef floating *work
     cdef floating *work2
+    cdef double *exps
+    cdef double *exp_current
+    cdef double *exp_following
+    cdef double *exp_swap
     cdef floating res = <floating> residual
     cdef bint refuse
     cdef int failed = 0
     cdef int *failure = &failed
     cdef Workspace space = _measuring()
     _jvp_pieces(&space, max_samples, max_rows, n, &ping, &pong, &derivative, &u_work,
-                &mean_pre, &inv_pre, &inv_post, &work, &work2)
+                &mean_pre, &inv_pre, &inv_post, &work, &work2, &exps)
     cdef size_t size = space.used
     refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
         # assigned in the region, so each thread has its own (Cython makes them private)
         ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = work = work2 = NULL
+        exps = NULL
         space = _workspace_allocate(size, refuse)
         if space.base == NULL:
             failure[0] = 1
         else:
             _jvp_pieces(&space, max_samples, max_rows, n, &ping, &pong, &derivative, &u_work,
-                        &mean_pre, &inv_pre, &inv_post, &work, &work2)
+                        &mean_pre, &inv_pre, &inv_post, &work, &work2, &exps)
         for item in prange(n_items, schedule='static'):
             if space.base == NULL:
                 continue
@@ -814,17 +857,25 @@ def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const 
             rows = samples * (v1 - v0)
             current = ping
             following = pong
+            exp_current = exps
+            exp_following = exps + max_samples
             memcpy(current, &x[s0, 0], samples * n * sizeof(floating))
+            memset(exp_current, 0, samples * sizeof(double))
+            _scale_rows(samples, n, current, exp_current)
             for layer in range(depth):
                 _forward_layer(samples, n, activation, has_residual, res, norm,
                                &weights[layer, 0, 0], &biases[layer, 0], current, following,
-                               derivative, u_work, mean_pre, inv_pre, inv_post)
+                               derivative, u_work, mean_pre, inv_pre, inv_post, exp_current,
+                               exp_following)
                 _jvp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
                            u_work if norm == NORM_PRE else current, following, derivative, inv_pre,
-                           inv_post, &tangents[s0, v0, 0], work, work2)
+                           inv_post, &tangents[s0, v0, 0], work, work2, exp_current, exp_following)
                 swap = current
                 current = following
                 following = swap
+                exp_swap = exp_current
+                exp_current = exp_following
+                exp_following = exp_swap
         _workspace_free(&space)
     if failed:
         raise _workspace_error("jvp", size)
@@ -833,13 +884,14 @@ def jvp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const 
 cdef void _vjp_pieces(Workspace *space, Py_ssize_t depth, Py_ssize_t samples, Py_ssize_t rows,
                       Py_ssize_t n, floating **xs, floating **derivatives, floating **mean_pre,
                       floating **inv_pre, floating **inv_post, floating **u_work, floating **g_h,
-                      floating **work) noexcept nogil:
+                      floating **work, double **exps) noexcept nogil:
     """vjp's workspace for items of up to ``samples`` samples and ``rows`` cotangents.
 
     What the backward pass reads of the forward pass: xs (L+1, samples, n)
     the layer outputs, derivatives (L, samples, n) phi'(h), mean_pre /
     inv_pre / inv_post (L, samples) LN statistics; _vjp_layer's scratch
-    u_work (samples, n), g_h and work (rows, n).
+    u_work (samples, n), g_h and work (rows, n); the exponents of the rows of
+    xs, exps (L+1, samples).
     """
     cdef floating kind = 0
     xs[0] = _piece(space, (depth + 1) * samples * n, kind)
@@ -850,6 +902,7 @@ cdef void _vjp_pieces(Workspace *space, Py_ssize_t depth, Py_ssize_t samples, Py
     u_work[0] = _piece(space, samples * n, kind)
     g_h[0] = _piece(space, rows * n, kind)
     work[0] = _piece(space, rows * n, kind)
+    exps[0] = _piece(space, (depth + 1) * samples, <double> 0)
 
 
 def vjp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const floating[:, ::1] x,
@@ -874,24 +927,26 @@ def vjp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const 
     cdef floating *u_work
     cdef floating *g_h
     cdef floating *work
+    cdef double *exps
     cdef floating res = <floating> residual
     cdef bint refuse
     cdef int failed = 0
     cdef int *failure = &failed
     cdef Workspace space = _measuring()
     _vjp_pieces(&space, depth, max_samples, max_rows, n, &xs, &derivatives, &mean_pre, &inv_pre,
-                &inv_post, &u_work, &g_h, &work)
+                &inv_post, &u_work, &g_h, &work, &exps)
     cdef size_t size = space.used
     refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_items))):
         # assigned in the region, so each thread has its own (Cython makes them private)
         xs = derivatives = mean_pre = inv_pre = inv_post = u_work = g_h = work = NULL
+        exps = NULL
         space = _workspace_allocate(size, refuse)
         if space.base == NULL:
             failure[0] = 1
         else:
             _vjp_pieces(&space, depth, max_samples, max_rows, n, &xs, &derivatives, &mean_pre,
-                        &inv_pre, &inv_post, &u_work, &g_h, &work)
+                        &inv_pre, &inv_post, &u_work, &g_h, &work, &exps)
         for item in prange(n_items, schedule='static'):
             if space.base == NULL:
                 continue
@@ -903,17 +958,21 @@ def vjp(const floating[:, :, ::1] weights, const floating[:, ::1] biases, const 
             samples = s1 - s0
             rows = samples * (v1 - v0)
             memcpy(xs, &x[s0, 0], samples * n * sizeof(floating))
+            memset(exps, 0, samples * sizeof(double))
+            _scale_rows(samples, n, xs, exps)
             for layer in range(depth):
                 _forward_layer(samples, n, activation, has_residual, res, norm,
                                &weights[layer, 0, 0], &biases[layer, 0], xs + layer * plane,
                                xs + (layer + 1) * plane, derivatives + layer * plane, u_work,
                                mean_pre + layer * max_samples, inv_pre + layer * max_samples,
-                               inv_post + layer * max_samples)
+                               inv_post + layer * max_samples, exps + layer * max_samples,
+                               exps + (layer + 1) * max_samples)
             for layer in range(depth - 1, -1, -1):
                 _vjp_layer(rows, n, v1 - v0, has_residual, res, norm, &weights[layer, 0, 0],
                            xs + layer * plane, xs + (layer + 1) * plane, derivatives + layer * plane,
                            mean_pre + layer * max_samples, inv_pre + layer * max_samples,
-                           inv_post + layer * max_samples, &cotangents[s0, v0, 0], g_h, work, u_work)
+                           inv_post + layer * max_samples, &cotangents[s0, v0, 0], g_h, work, u_work,
+                           exps + layer * max_samples, exps + (layer + 1) * max_samples)
         _workspace_free(&space)
     if failed:
         raise _workspace_error("vjp", size)

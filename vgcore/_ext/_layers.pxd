@@ -27,6 +27,18 @@ cdef extern from "vg_activations.h" nogil:
                                     double *derivative)
     void vg_bias_activation_block_f(int kind, long rows, long n, float *h, const float *bias,
                                     float *derivative)
+    int VG_SCALE_RANGE_D
+    int VG_SCALE_RANGE_F
+    ctypedef struct vg_pair_d:
+        double value
+        double derivative
+    ctypedef struct vg_pair_f:
+        float value
+        float derivative
+    vg_pair_d vg_activation_d(int kind, double h)
+    vg_pair_f vg_activation_f(int kind, float h)
+    vg_pair_d vg_activation_tiny_d(int kind, double h_scaled)
+    vg_pair_f vg_activation_tiny_f(int kind, float h_scaled)
 
 cdef extern from "vg_stack.h" nogil:
     double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
@@ -92,8 +104,14 @@ cdef inline void _activation_block(int kind, Py_ssize_t rows, Py_ssize_t n, floa
 # ---------------------------------------------------------------------------
 
 cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating *v, floating *out,
-                                  floating *mean_out, floating *inv_std_out) noexcept nogil:
-    """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL."""
+                                  floating *mean_out, floating *inv_std_out,
+                                  const double *exps) noexcept nogil:
+    """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL.
+
+    With exps (rows,) (NULL: all 0) row r is scaled, v[r] * 2**exps[r]
+    (_scale_rows): its variance is var * 4**e, inv_std is the true one and
+    out[r] keeps the exponent.
+    """
     cdef Py_ssize_t r, i
     cdef double total, centred, var
     cdef floating mean, inv_std
@@ -106,7 +124,10 @@ cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating 
         for i in range(n):
             centred = <double> (v[r * n + i] - mean)
             var = var + centred * centred
-        inv_std = <floating> (1.0 / sqrt(var / n + LAYER_NORM_EPS))
+        var = var / n
+        if exps != NULL and exps[r] != 0:
+            var = ldexp(var, 2 * <int> exps[r])
+        inv_std = <floating> (1.0 / sqrt(var + LAYER_NORM_EPS))
         for i in range(n):
             out[r * n + i] = (v[r * n + i] - mean) * inv_std
         if mean_out != NULL:
@@ -116,12 +137,14 @@ cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating 
 
 cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample,
                                      floating *g, const floating *normalised,
-                                     const floating *inv_std) noexcept nogil:
+                                     const floating *inv_std, const double *exps) noexcept nogil:
     """In place, g[r] <- J_LN g[r] = inv_std (g - mean(g) - xhat mean(xhat g)).
 
     Row r belongs to sample r // per_sample, whose normalised vector is
     normalised[sample] and scale inv_std[sample].  J_LN is symmetric, so this
-    serves the JVP and the VJP alike.
+    serves the JVP and the VJP alike.  With exps (samples,) (NULL: all 0) the
+    normalised vectors are scaled rows, xhat = normalised * 2**e, and the last
+    term carries 4**e.
     """
     cdef Py_ssize_t r, i, s
     cdef double g_mean, gx_mean
@@ -134,6 +157,8 @@ cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t p
             gx_mean = gx_mean + <double> g[r * n + i] * normalised[s * n + i]
         g_mean = g_mean / n
         gx_mean = gx_mean / n
+        if exps != NULL and exps[s] != 0:
+            gx_mean = ldexp(gx_mean, 2 * <int> exps[s])
         for i in range(n):
             g[r * n + i] = inv_std[s] * <floating> (g[r * n + i] - g_mean - normalised[s * n + i] * gx_mean)
 
@@ -152,45 +177,210 @@ cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floati
 # One layer: forward, VJP, JVP on a block of rows
 # ---------------------------------------------------------------------------
 
+cdef inline int _scale_range(floating kind) noexcept nogil:
+    """R of the scaled forward pass: rows below 2**-R are kept scaled (VG_SCALE_RANGE_D / _F)."""
+    if floating is double:
+        return VG_SCALE_RANGE_D
+    else:
+        return VG_SCALE_RANGE_F
+
+
+cdef inline void _phi(int kind, floating h, floating *value, floating *derivative) noexcept nogil:
+    """phi(h) and phi'(h) from csrc/vg_activations.h."""
+    cdef vg_pair_d pd
+    cdef vg_pair_f pf
+    if floating is double:
+        pd = vg_activation_d(kind, h)
+        value[0] = pd.value
+        derivative[0] = pd.derivative
+    else:
+        pf = vg_activation_f(kind, h)
+        value[0] = pf.value
+        derivative[0] = pf.derivative
+
+
+cdef inline void _phi_tiny(int kind, floating h_scaled, floating *value, floating *derivative) noexcept nogil:
+    """phi'(0+-) by the sign of h and phi'(0+-) * h_scaled (vg_activation_tiny in csrc)."""
+    cdef vg_pair_d pd
+    cdef vg_pair_f pf
+    if floating is double:
+        pd = vg_activation_tiny_d(kind, h_scaled)
+        value[0] = pd.value
+        derivative[0] = pd.derivative
+    else:
+        pf = vg_activation_tiny_f(kind, h_scaled)
+        value[0] = pf.value
+        derivative[0] = pf.derivative
+
+
+cdef inline double _largest_magnitude(Py_ssize_t n, const floating *v) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double largest = 0, magnitude
+    for i in range(n):
+        magnitude = fabs(<double> v[i])
+        if magnitude > largest:
+            largest = magnitude
+    return largest
+
+
+cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double *exps) noexcept nogil:
+    """Rows v[r] * 2**exps[r] re-expressed in place: scaled when below 2**-R, else true values.
+
+    The scaled forward pass (docs/ARCHITECTURE.md, "Rows below the floats";
+    vgcore.reference.stack.scaled_rows): a row whose largest magnitude is
+    below 2**-R is scaled by a power of two to a largest entry in [0.5, 1)
+    and its exponent kept in exps; a row in range gets exponent 0 back (rows
+    in range with exponent 0, every row of a usual network, are untouched).
+    """
+    cdef Py_ssize_t r, i
+    cdef double largest
+    cdef int k, top, low = -_scale_range(<floating> 0)
+    for r in range(rows):
+        largest = _largest_magnitude(n, v + r * n)
+        if largest == 0:
+            exps[r] = 0
+            continue
+        frexp(largest, &k)
+        top = <int> exps[r] + k
+        if top > low:
+            if exps[r] != 0:
+                for i in range(n):
+                    v[r * n + i] = <floating> ldexp(<double> v[r * n + i], <int> exps[r])
+                exps[r] = 0
+        else:
+            for i in range(n):
+                v[r * n + i] = <floating> ldexp(<double> v[r * n + i], -k)
+            exps[r] = top
+
+
+cdef inline void _true_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, const double *exps) noexcept nogil:
+    """v[r] <- v[r] * 2**exps[r], the true values (they may underflow: that is their value)."""
+    cdef Py_ssize_t r, i
+    for r in range(rows):
+        if exps[r] != 0:
+            for i in range(n):
+                v[r * n + i] = <floating> ldexp(<double> v[r * n + i], <int> exps[r])
+
+
+cdef inline double _scaled_activation_row(int activation, Py_ssize_t n, floating *h, const floating *bias,
+                                          floating *derivative, double exponent) noexcept nogil:
+    """h <- phi(h * 2**exponent + bias) of one row of scaled products (exponent != 0); returns its exponent.
+
+    vgcore.reference.stack.scaled_activation: the products and the bias are
+    put on one exponent; a row then in range is evaluated as true values,
+    any other is below 2**-R, where phi is its linearisation at 0
+    (_phi_tiny), plus phi(0), which when not 0 swamps the rest.
+    """
+    cdef Py_ssize_t i
+    cdef double largest = _largest_magnitude(n, h), bias_largest = _largest_magnitude(n, bias)
+    cdef int k, e_h = 0, low = -_scale_range(<floating> 0)
+    cdef bint any_term = False
+    cdef floating zero_value, zero_derivative, value
+    if largest > 0:
+        frexp(largest, &k)
+        e_h = <int> exponent + k
+        any_term = True
+    if bias_largest > 0:
+        frexp(bias_largest, &k)
+        if not any_term or k > e_h:
+            e_h = k
+        any_term = True
+    if not any_term:  # h = 0 and bias = 0
+        for i in range(n):
+            _phi(activation, <floating> 0, &h[i], &derivative[i])
+        return 0
+    for i in range(n):
+        h[i] = (<floating> ldexp(<double> h[i], <int> exponent - e_h)
+                + <floating> ldexp(<double> bias[i], -e_h))
+    if e_h > low:
+        for i in range(n):
+            _phi(activation, <floating> ldexp(<double> h[i], e_h), &h[i], &derivative[i])
+        return 0
+    _phi(activation, <floating> 0, &zero_value, &zero_derivative)
+    for i in range(n):
+        _phi_tiny(activation, h[i], &value, &derivative[i])
+        h[i] = zero_value if zero_value != 0 else value
+    return 0 if zero_value != 0 else e_h
+
+
 cdef inline void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, bint has_residual,
                          floating residual, int norm, const floating *weight, const floating *bias,
                          const floating *x, floating *out, floating *derivative, floating *u_work,
-                         floating *mean_pre, floating *inv_pre, floating *inv_post) noexcept nogil:
+                         floating *mean_pre, floating *inv_pre, floating *inv_post,
+                         const double *x_exp, double *out_exp) noexcept nogil:
     """x (rows, n) -> out (rows, n), keeping phi'(h) and the LN statistics.
 
-    u_work (rows, n) receives LN(x) when norm is pre.  out must not alias x.
+    Rows are scaled (_scale_rows): x[r] stands for x[r] * 2**x_exp[r], and
+    out[r] for out[r] * 2**out_exp[r] on return.  Rows with exponent 0 take
+    exactly the arithmetic they always took.  u_work (rows, n) receives LN(x)
+    (exponents x_exp) when norm is pre.  out must not alias x.
     """
     cdef const floating *u = x
-    cdef Py_ssize_t i, size = rows * n
+    cdef Py_ssize_t r, i, size = rows * n
+    cdef bint scaled = False
+    cdef int top, e_x, e_f
+    for r in range(rows):
+        if x_exp[r] != 0:
+            scaled = True
     if norm == NORM_PRE:
-        _layer_norm_rows(rows, n, x, u_work, mean_pre, inv_pre)
+        _layer_norm_rows(rows, n, x, u_work, mean_pre, inv_pre, x_exp if scaled else <double *> NULL)
         u = u_work
     _rows_times_weight_t(rows, n, u, weight, out)
-    _activation_block(activation, rows, n, out, bias, derivative)
+    if not scaled:
+        _activation_block(activation, rows, n, out, bias, derivative)
+        for r in range(rows):
+            out_exp[r] = 0
+    else:
+        for r in range(rows):
+            if x_exp[r] == 0:
+                _activation_block(activation, 1, n, out + r * n, bias, derivative + r * n)
+                out_exp[r] = 0
+            else:
+                out_exp[r] = _scaled_activation_row(activation, n, out + r * n, bias, derivative + r * n,
+                                                    x_exp[r])
+                scaled = True
     if has_residual:
-        for i in range(size):
-            out[i] = x[i] + residual * out[i]
+        if not scaled:
+            for i in range(size):
+                out[i] = x[i] + residual * out[i]
+        else:
+            for r in range(rows):
+                e_x = <int> x_exp[r]
+                e_f = <int> out_exp[r]
+                if e_x == 0 and e_f == 0:
+                    for i in range(n):
+                        out[r * n + i] = x[r * n + i] + residual * out[r * n + i]
+                else:
+                    top = e_x if e_x > e_f else e_f
+                    for i in range(n):
+                        out[r * n + i] = (<floating> ldexp(<double> x[r * n + i], e_x - top)
+                                          + <floating> ldexp(<double> (residual * out[r * n + i]),
+                                                             e_f - top))
+                    out_exp[r] = top
     if norm == NORM_POST:
-        _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post)
+        _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post, out_exp if scaled else <double *> NULL)
+    _scale_rows(rows, n, out, out_exp)
 
 
 cdef inline void _vjp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample, bint has_residual,
                      floating residual, int norm, const floating *weight, const floating *x,
                      const floating *out, const floating *derivative, const floating *mean_pre,
                      const floating *inv_pre, const floating *inv_post, floating *g,
-                     floating *g_h, floating *work, floating *u_work) noexcept nogil:
+                     floating *g_h, floating *work, floating *u_work, const double *x_exp,
+                     const double *out_exp) noexcept nogil:
     """Cotangents g (rows, n) at the layer output -> at its input, in place.
 
     Row r belongs to sample r // per_sample of the block whose input x,
     output out, phi'(h) and LN statistics are given.  g_h (rows, n) receives
     the cotangent at h; it may alias ``derivative`` when per_sample == 1.
     work (rows, n) is scratch; u_work (samples, n) is scratch for pre-norm.
+    x_exp and out_exp (samples,) are the exponents of x and out (_forward_layer).
     """
     cdef Py_ssize_t r, i, s
     cdef Py_ssize_t samples = rows // per_sample
     cdef floating scale = residual if has_residual else 1
     if norm == NORM_POST:
-        _layer_norm_product(rows, n, per_sample, g, out, inv_post)
+        _layer_norm_product(rows, n, per_sample, g, out, inv_post, out_exp)
     for r in range(rows):
         s = r // per_sample
         for i in range(n):
@@ -198,7 +388,7 @@ cdef inline void _vjp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample
     _rows_times_weight(rows, n, g_h, weight, work)
     if norm == NORM_PRE:
         _recompute_pre_norm(samples, n, x, mean_pre, inv_pre, u_work)
-        _layer_norm_product(rows, n, per_sample, work, u_work, inv_pre)
+        _layer_norm_product(rows, n, per_sample, work, u_work, inv_pre, x_exp)
     if has_residual:
         for i in range(rows * n):
             g[i] = g[i] + work[i]
@@ -210,17 +400,18 @@ cdef inline void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample
                      floating residual, int norm, const floating *weight, const floating *u,
                      const floating *out, const floating *derivative, const floating *inv_pre,
                      const floating *inv_post, floating *t, floating *work,
-                     floating *work2) noexcept nogil:
+                     floating *work2, const double *x_exp, const double *out_exp) noexcept nogil:
     """Tangents t (rows, n) at the layer input -> at its output, in place.
 
     u is the layer's linear input (LN(x) for pre-norm, else x) of the block's
-    samples; work and work2 (rows, n) are scratch.
+    samples; work and work2 (rows, n) are scratch; x_exp and out_exp
+    (samples,) the exponents of u and out (_forward_layer).
     """
     cdef Py_ssize_t r, i, s
     cdef const floating *t_u = t
     if norm == NORM_PRE:
         memcpy(work, t, rows * n * sizeof(floating))
-        _layer_norm_product(rows, n, per_sample, work, u, inv_pre)
+        _layer_norm_product(rows, n, per_sample, work, u, inv_pre, x_exp)
         t_u = work
     _rows_times_weight_t(rows, n, t_u, weight, work2)
     for r in range(rows):
@@ -231,7 +422,7 @@ cdef inline void _jvp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample
             else:
                 t[r * n + i] = derivative[s * n + i] * work2[r * n + i]
     if norm == NORM_POST:
-        _layer_norm_product(rows, n, per_sample, t, out, inv_post)
+        _layer_norm_product(rows, n, per_sample, t, out, inv_post, out_exp)
 
 
 # ---------------------------------------------------------------------------

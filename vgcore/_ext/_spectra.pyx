@@ -47,6 +47,7 @@ from vgcore._ext._layers cimport (
     _measuring,
     _piece,
     _qr_workspace,
+    _scale_rows,
     _workspace_allocate,
     _workspace_free,
 )
@@ -119,13 +120,14 @@ cdef void _lyapunov_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t n, P
                            floating **derivative, floating **u_work, floating **mean_pre,
                            floating **inv_pre, floating **inv_post, floating **tangents,
                            floating **work, floating **work2, floating **tau,
-                           floating **lapack_work) noexcept nogil:
+                           floating **lapack_work, double **exps) noexcept nogil:
     """lyapunov_log_growth's workspace for blocks of up to ``samples`` samples.
 
     Two layer outputs in turn (ping, pong; a block starts from ping), a
     layer's phi'(h), LN(x) for pre-norm (samples, n) and LN statistics
     (samples,); the tangents (samples, k, n) and _jvp_layer's scratch work
-    and work2 of their size; ?geqrf's tau (k,) and LAPACK's lwork values.
+    and work2 of their size; ?geqrf's tau (k,) and LAPACK's lwork values;
+    the exponents of ping's and pong's rows, exps (2, samples).
     """
     cdef floating kind = 0
     ping[0] = _piece(space, samples * n, kind)
@@ -140,6 +142,7 @@ cdef void _lyapunov_pieces(Workspace *space, Py_ssize_t samples, Py_ssize_t n, P
     work2[0] = _piece(space, samples * k * n, kind)
     tau[0] = _piece(space, k, kind)
     lapack_work[0] = _piece(space, lwork, kind)
+    exps[0] = _piece(space, 2 * samples, <double> 0)
 
 
 def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1] biases,
@@ -175,25 +178,31 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
     cdef floating *work2
     cdef floating *tau
     cdef floating *lapack_work
+    cdef double *exps
+    cdef double *exp_current
+    cdef double *exp_following
+    cdef double *exp_swap
     cdef bint refuse
     cdef int failed = 0
     cdef int *failure = &failed
     cdef Workspace space = _measuring()
     _lyapunov_pieces(&space, max_samples, n, k, lwork, &ping, &pong, &derivative, &u_work,
-                     &mean_pre, &inv_pre, &inv_post, &tangents, &work, &work2, &tau, &lapack_work)
+                     &mean_pre, &inv_pre, &inv_post, &tangents, &work, &work2, &tau, &lapack_work,
+                     &exps)
     cdef size_t size = space.used
     refuse = _refuse_workspaces()
     with nogil, parallel(num_threads=max(1, min(<Py_ssize_t> n_threads, n_blocks))):
         # assigned in the region, so each thread has its own (Cython makes them private)
         ping = pong = derivative = u_work = mean_pre = inv_pre = inv_post = NULL
         tangents = work = work2 = tau = lapack_work = NULL
+        exps = NULL
         space = _workspace_allocate(size, refuse)
         if space.base == NULL:
             failure[0] = 1
         else:
             _lyapunov_pieces(&space, max_samples, n, k, lwork, &ping, &pong, &derivative,
                              &u_work, &mean_pre, &inv_pre, &inv_post, &tangents, &work, &work2, &tau,
-                             &lapack_work)
+                             &lapack_work, &exps)
         for block in prange(n_blocks, schedule='static'):
             if space.base == NULL:
                 continue
@@ -202,7 +211,11 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
             samples = stop - start
             current = ping
             following = pong
+            exp_current = exps
+            exp_following = exps + max_samples
             memcpy(current, &x[start, 0], samples * n * sizeof(floating))
+            memset(exp_current, 0, samples * sizeof(double))
+            _scale_rows(samples, n, current, exp_current)
             memset(tangents, 0, samples * k * n * sizeof(floating))
             for s in range(samples):
                 for i in range(k):
@@ -212,10 +225,10 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
             for layer in range(depth):
                 _forward_layer(samples, n, activation, has_residual, res, norm,
                                &weights[layer, 0, 0], &biases[layer, 0], current, following,
-                               derivative, u_work, mean_pre, inv_pre, inv_post)
+                               derivative, u_work, mean_pre, inv_pre, inv_post, exp_current, exp_following)
                 _jvp_layer(samples * k, n, k, has_residual, res, norm, &weights[layer, 0, 0],
                            u_work if norm == NORM_PRE else current, following, derivative, inv_pre,
-                           inv_post, tangents, work, work2)
+                           inv_post, tangents, work, work2, exp_current, exp_following)
                 info = _renormalise_tangents(samples, n, k, tangents, tau, lapack_work, lwork,
                                              &log_growth[start, 0])
                 if info != 0:
@@ -223,6 +236,9 @@ def lyapunov_log_growth(const floating[:, :, ::1] weights, const floating[:, ::1
                 swap = current
                 current = following
                 following = swap
+                exp_swap = exp_current
+                exp_current = exp_following
+                exp_following = exp_swap
             status[block] = info
         _workspace_free(&space)
     if failed:

@@ -248,7 +248,8 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                 first = slot * batch
                 if norms[c] == NORM_PRE:
                     _layer_norm_rows(batch, n, x_in + first * n, linear_in + first * n,
-                                     mean_pre + layer * rows + first, inv_pre + layer * rows + first)
+                                     mean_pre + layer * rows + first, inv_pre + layer * rows + first,
+                                     <double *> NULL)
                 else:
                     memcpy(linear_in + first * n, x_in + first * n, sample_plane * sizeof(floating))
             _rows_times_weight_t(rows, n, linear_in, weight, out)
@@ -273,7 +274,7 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                     out[i] = x_in[i] + residual_scale * out[i]
             if norms[c] == NORM_POST:
                 _layer_norm_rows(batch, n, out + first * n, out + first * n, <floating *> NULL,
-                                 inv_post + layer * rows + first)
+                                 inv_post + layer * rows + first, <double *> NULL)
 
     # renormalised backward from the shared cotangent at the output
     for slot in range(slots):
@@ -297,7 +298,8 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
             gs = g + first * n
             d = derivatives + layer * plane + first * n
             if norms[c] == NORM_POST:
-                _layer_norm_product(batch, n, 1, gs, out + first * n, inv_post + layer * rows + first)
+                _layer_norm_product(batch, n, 1, gs, out + first * n, inv_post + layer * rows + first,
+                                    <double *> NULL)
             residual_scale = <floating> residuals[c] if has_residual[c] else 1
             scale = <floating> weight_scales[c]
             for i in range(sample_plane):
@@ -322,7 +324,7 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                 _recompute_pre_norm(batch, n, x_in + first * n, mean_pre + layer * rows + first,
                                     inv_pre + layer * rows + first, u_work)
                 _layer_norm_product(batch, n, 1, product + first * n, u_work,
-                                    inv_pre + layer * rows + first)
+                                    inv_pre + layer * rows + first, <double *> NULL)
             if has_residual[c]:
                 for i in range(sample_plane):
                     gs[i] = gs[i] + product[first * n + i]

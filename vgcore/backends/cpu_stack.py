@@ -49,6 +49,7 @@ def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> d
     derivatives = np.empty((kept, batch, width), dtype)
     mean_pre, inv_pre, inv_post = (np.empty((kept, batch), dtype) for _ in range(3))
     log_scale_h = np.empty((kept, batch))
+    x_exp = np.empty((kept + 1, batch))  # exponents of the scaled rows of xs (_layers._scale_rows)
     log_grad_norm = np.empty((batch, depth + 1))
     log_weight_grad_norm = np.empty(depth)
     saturated = np.zeros((blocks, depth), np.int64)
@@ -58,14 +59,16 @@ def gradient_profile(problem, grad_output: np.ndarray, segment: int | None) -> d
         if segment is None:
             _kernels.gradient_profile(
                 stack.weights, stack.biases, x, grad_output, *options, xs, derivatives, mean_pre,
-                inv_pre, inv_post, log_scale_h, log_grad_norm, log_weight_grad_norm, saturated, alive,
-                threads,
+                inv_pre, inv_post, log_scale_h, x_exp, log_grad_norm, log_weight_grad_norm, saturated,
+                alive, threads,
             )
         else:
             checkpoints = np.empty((-(-depth // kept), batch, width), dtype)
+            checkpoint_exp = np.empty(checkpoints.shape[:2])
             _kernels.gradient_profile_segmented(
                 stack.weights, stack.biases, x, grad_output, *options, kept, checkpoints, xs,
-                derivatives, mean_pre, inv_pre, inv_post, log_scale_h, np.empty((batch, width), dtype),
+                derivatives, mean_pre, inv_pre, inv_post, log_scale_h, checkpoint_exp, x_exp,
+                np.empty((batch, width), dtype),
                 np.empty(batch), log_grad_norm, log_weight_grad_norm, saturated, alive, threads,
             )
     return {
