@@ -369,8 +369,8 @@ def _time_keywords(c, model, batch: int, dtype) -> dict:
     recurrent = getattr(model, "kind", None) == "recurrent"
     if not recurrent and _kind(c, ["steps"], "time keywords") == "good":
         return {}
-    # not huge: a recurrent model runs 10**9 steps if asked (its time, not a fault; its memory is checked
-    # by the model kind, or not: see the report of issue 17)
+    # not huge: a recurrent model runs up to 10**8 steps if asked (vgcore._recurrent.MAX_STEPS; its time,
+    # not a fault); beyond, it refuses naming steps (tests/test_reliability.py, defect 5)
     steps = hostile_int(c, (1, 6), "steps")
     keywords = {"steps": 64 if type(steps) is int and steps > 64 else steps}
     input_width = getattr(model, "input_width", 0)

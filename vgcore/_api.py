@@ -87,6 +87,10 @@ def forward(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", steps
     backend : {"auto", "cpu", "cuda", "numpy"}
     steps, inputs
         Recurrent models only (time steps and per-step inputs); a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -168,6 +172,10 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
         Other backends keep every activation and ignore it.
     steps, inputs
         Recurrent models only; a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -225,6 +233,10 @@ def jvp(stack: Any, x: Any, tangents: Any, *, out: Any = None, backend: str = "a
     backend : {"auto", "cpu", "cuda", "numpy"}
     steps, inputs
         Recurrent models only; a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -256,6 +268,10 @@ def vjp(stack: Any, x: Any, cotangents: Any, *, out: Any = None, backend: str = 
     backend : {"auto", "cpu", "cuda", "numpy"}
     steps, inputs
         Recurrent models only; a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -285,6 +301,10 @@ def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", step
     backend : {"auto", "cpu", "cuda", "numpy"}
     steps, inputs
         Recurrent models only; a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -319,6 +339,10 @@ def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | N
         spread over the kernels' threads with BLAS held to one thread each.
     steps, inputs
         Recurrent models only; a stack refuses them.
+        At most 1e8 steps and 1e16 multiply-adds of the cell (steps B G n (n + m): B
+        samples, G gate blocks, width n, m inputs) per call (vgcore._recurrent.MAX_STEPS,
+        MAX_WORK: the compiled kernels cannot be interrupted); beyond them, ValueError
+        naming steps before any work.
 
     Returns
     -------
@@ -385,6 +409,11 @@ def lyapunov_exponents(stack: Any, x: Any, k: int | None = None, *, backend: str
         results for any number of threads.
     steps, inputs, warmup
         Recurrent models only; a stack refuses them.
+        Warm-up steps keep no memory but count: steps + warmup is at most 1e8 and the
+        cell's multiply-adds, (steps + warmup) B G n (n + m), at most 1e16 per call
+        (vgcore._recurrent.MAX_STEPS, MAX_WORK: about a day of a 16-core CPU; the compiled
+        kernels cannot be interrupted); beyond them, ValueError naming steps, or warmup
+        where steps alone is within them, before any work.
 
     Returns
     -------

@@ -35,6 +35,61 @@ INITS = ("gaussian", "orthogonal", "uniform")
 #: The gate block that keeps the old state, which ``forget_bias`` shifts: lstm f, gru z.
 KEEP_GATE: dict[str, int] = {"lstm": 1, "gru": 1}
 
+#: Most time steps, counted plus warm-up (``steps + warmup``), that one call runs.  1000 times the
+#: longest sequences whose log norms the tests check exactly (1e5 steps); about 10 s of the compiled
+#: forward pass of a tiny cell (0.1 us a step on one core) and a minute of its Lyapunov exponents.  A
+#: warm-up keeps no memory, so only a bound like this one stops it: the compiled kernels do not see
+#: Ctrl-C.
+MAX_STEPS = 10**8
+#: Most multiply-adds of the cell's matrix products one call runs: (steps + warmup) B G n (n + m) for
+#: B samples, G gate blocks, width n and m inputs (a Jacobian product with k directions does about
+#: k + 1 times that).  About a day of a 16-core CPU (1e10 to 1e11 multiply-adds a second measured on
+#: the compiled kernels), minutes to hours of a GPU; a longer call would hold the process, beyond
+#: Ctrl-C, for days.  Beyond it, split the batch (its samples are independent) or use fewer steps.
+MAX_WORK = 10**16
+
+
+def step_work(steps: int, batch: int, cell: str, width: int, input_width: int) -> int:
+    """Multiply-adds of ``steps`` steps of ``batch`` samples through a cell: steps B G n (n + m)."""
+    return steps * batch * CELLS[cell] * width * (width + input_width)
+
+
+def check_steps(steps: int, warmup: int, *, steps_name: str = "steps", warmup_name: str = "warmup") -> None:
+    """ValueError naming steps (or warmup, when steps alone is within it) when steps + warmup > MAX_STEPS."""
+    if steps + warmup <= MAX_STEPS:
+        return
+    why = (f"above the {MAX_STEPS:,} one call may run (vgcore._recurrent.MAX_STEPS: 1000 times the "
+           "longest sequences checked exactly; the compiled kernels cannot be interrupted)")
+    if steps > MAX_STEPS or not warmup:
+        raise ValueError(f"{steps_name}: {steps:,} time steps{f' (+ {warmup:,} warm-up)' if warmup else ''} "
+                         f"is {why}; use fewer steps")
+    raise ValueError(f"{warmup_name}: steps + warmup = {steps:,} + {warmup:,} time steps is {why}; "
+                     "use fewer warm-up steps")
+
+
+def check_work(steps: int, warmup: int, batch: int, cell: str, width: int, input_width: int, *,
+               steps_name: str = "steps", warmup_name: str = "warmup") -> None:
+    """ValueError naming steps (or warmup, when steps alone is within it) when the call's
+    multiply-adds, :func:`step_work` of steps + warmup, exceed MAX_WORK."""
+    work = step_work(steps + warmup, batch, cell, width, input_width)
+    if work <= MAX_WORK:
+        return
+    blame_warmup = warmup and step_work(steps, batch, cell, width, input_width) <= MAX_WORK
+    what = f"steps + warmup = {steps:,} + {warmup:,}" if warmup else f"{steps:,}"
+    inputs = f" and {input_width} inputs" if input_width else ""
+    samples = f"{batch:,} sample{'s' if batch != 1 else ''}"
+    raise ValueError(f"{warmup_name if blame_warmup else steps_name}: {what} time steps of {samples} "
+                     f"through the {cell} cell of width {width}{inputs} is about {_exponent(work)} "
+                     f"multiply-adds, above the {_exponent(MAX_WORK)} one call may run "
+                     "(vgcore._recurrent.MAX_WORK: about a day of a 16-core CPU; the compiled kernels "
+                     f"cannot be interrupted); use fewer {'warm-up ' if blame_warmup else ''}steps or split "
+                     "the batch")
+
+
+def _exponent(number: int) -> str:
+    """``number`` to two digits, e.g. 2.7e16."""
+    return f"{float(number):.2g}".replace("e+", "e")
+
 
 def check_cell(cell: Any) -> str:
     """``cell`` itself when it names a cell, else TypeError / ValueError naming ``cell``."""
@@ -453,12 +508,16 @@ class Recurrent:
             The state's argument name in messages.
         steps : int
             Counted time steps T >= 1.  May be omitted when ``inputs`` is
-            given: T is then its time length less ``warmup``.
+            given: T is then its time length less ``warmup``.  ``steps +
+            warmup`` is at most :data:`MAX_STEPS` (1e8), and the call's
+            multiply-adds, (steps + warmup) B G n (n + m), at most
+            :data:`MAX_WORK` (1e16).
         inputs : array, shape (B, T + warmup, m), optional
             Per-step inputs; required when the model has input weights
             (m >= 1), refused when it has none.
         warmup : int, optional
-            Steps advanced before the counted ones (Lyapunov exponents); >= 0.
+            Steps advanced before the counted ones (Lyapunov exponents); >= 0;
+            counted in the bounds above.
 
         Returns
         -------
@@ -467,7 +526,9 @@ class Recurrent:
         Raises
         ------
         TypeError, ValueError
-            Naming the offending argument, before any work.
+            Naming the offending argument, before any work; ValueError naming
+            steps (warmup where steps alone is within them, inputs where T
+            comes from them) beyond :data:`MAX_STEPS` or :data:`MAX_WORK`.
         """
         warmup = 0 if warmup is None else check.check_int(warmup, "warmup", minimum=0)
         m = self.input_width
@@ -481,6 +542,7 @@ class Recurrent:
             inputs = check.as_float_array(inputs, "inputs", ndim=3, dtype=self.dtype)
             if check.array_namespace(inputs) is not check.array_namespace(self._weight_hh):
                 raise TypeError(f"inputs: must live on the same device as the model ({self.device})")
+        derived = steps is None  # T from the inputs' length
         if steps is None:
             if inputs is None:
                 raise TypeError("steps: a recurrent model needs steps=T, the number of time steps")
@@ -490,7 +552,11 @@ class Recurrent:
                                  f"warmup={warmup}")
         else:
             steps = check.check_int(steps, "steps")
+        # bounded before any work: a warm-up keeps no memory, and nothing else would stop it
+        names = {"steps_name": "inputs", "warmup_name": "inputs"} if derived else {}
+        check_steps(steps, warmup, **names)
         x = _batch_array(x, name, self)
+        check_work(steps, warmup, int(x.shape[0]), self._cell, self.hidden_width, m, **names)
         if inputs is not None:
             expected = (x.shape[0], steps + warmup, m)
             if tuple(inputs.shape) != expected:

@@ -1045,6 +1045,22 @@ def _check_memory(grid: dict[str, list], batch: int) -> None:
                        f"a profile of depth {depth}, width {width} and batch {batch}")
 
 
+def _check_steps(grid: dict[str, list], batch: int) -> None:
+    """ValueError naming the grid's depth (and width, batch) when a recurrent row would run more
+    time steps or multiply-adds than one call may (vgcore._recurrent.MAX_STEPS, MAX_WORK): a
+    recurrent row's depth is its steps T, refused here before any work rather than in a worker."""
+    recurrent = [cell for cell in grid["cell"] if cell != "dense"]
+    if not recurrent:
+        return
+    from vgcore._recurrent import CELLS, check_steps, check_work
+
+    steps = max(grid["depth"])
+    check_steps(steps, 0, steps_name="grid['depth']")
+    cell = max(recurrent, key=CELLS.__getitem__)  # the most gate blocks: the most work a step
+    check_work(steps, 0, batch, cell, max(grid["width"]), max(grid["input_width"]),
+               steps_name="grid['depth'], grid['width'], batch")
+
+
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled or not sys.stderr.isatty():
         return None
@@ -1153,8 +1169,10 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
     Raises
     ------
     ValueError
-        Bad grid (naming the key), seeds, batch, backend, chunk_size or
-        client, before any work; :class:`vgcore._store.StoreError` (a
+        Bad grid (naming the key; recurrent rows, whose depth is the steps
+        T, beyond 1e8 steps or 1e16 multiply-adds a call, name depth, width
+        and batch: vgcore._recurrent.MAX_STEPS, MAX_WORK), seeds, batch,
+        backend, chunk_size or client, before any work; :class:`vgcore._store.StoreError` (a
         ValueError) for a store of another sweep or a damaged part.
     MemoryError
         A chunk's workspace could not be allocated.
@@ -1171,6 +1189,7 @@ def sweep(grid: dict, *, batch: int = 32, seeds: int | Sequence[int] = 1, backen
     backend = _check_backend(backend)
     if not isinstance(resume, (bool, np.bool_)):
         raise ValueError(f"resume: expected True or False, got {resume!r}")
+    _check_steps(grid, batch)
     _check_memory(grid, batch)
     total = _n_configs(grid) * len(seeds)
     identity = {"grid": grid, "seeds": seeds, "batch": batch}
