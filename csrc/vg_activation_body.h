@@ -143,6 +143,29 @@ VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation_tiny)(int kind
     return r;
 }
 
+/* phi at h = h_scaled * 2^e for a row beyond 2^VG_SCALE_RANGE (e > 0), scaled back:
+   value = phi(h) * 2^-e and derivative = phi'(h).  An entry with |h| <= 2^RANGE is
+   evaluated as it is; beyond, phi is its asymptote a h + c (a = phi'(+-2^RANGE), c =
+   phi(+-2^RANGE) - a (+-2^RANGE)), exact to working precision there for every
+   activation (tanh, sigmoid and erf are flat: a = 0). */
+VG_HOST_DEVICE static inline VG_SFX(vg_pair) VG_SFX(vg_activation_huge)(int kind, VG_T h_scaled, int e)
+{
+    VG_SFX(vg_pair) r;
+    int k = 0;
+    VG_T big;
+    if (h_scaled != (VG_T)0)
+        VG_FREXP(h_scaled, &k);
+    if (h_scaled == (VG_T)0 || k + e <= VG_SCALE_RANGE) {
+        r = VG_SFX(vg_activation)(kind, VG_LDEXP(h_scaled, e));
+        r.value = VG_LDEXP(r.value, -e);
+        return r;
+    }
+    big = h_scaled > (VG_T)0 ? VG_LDEXP((VG_T)1, VG_SCALE_RANGE) : -VG_LDEXP((VG_T)1, VG_SCALE_RANGE);
+    r = VG_SFX(vg_activation)(kind, big);
+    r.value = r.derivative * h_scaled + VG_LDEXP(r.value - r.derivative * big, -e);
+    return r;
+}
+
 #ifndef __CUDACC_RTC__ /* host-only: NVRTC (CuPy) compiles device code alone */
 /*
  * The CPU kernels' fused elementwise pass over a row-major block (rows, n):

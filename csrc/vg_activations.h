@@ -59,11 +59,12 @@ enum {
 /* Saturation threshold on |phi'(h)| used by the gradient profile. */
 #define VG_SATURATION_THRESHOLD 1e-3
 
-/* The scaled forward pass (docs/ARCHITECTURE.md, "Rows below the floats"): a row of
-   activations whose largest entry is below 2^-VG_SCALE_RANGE is kept as a scaled row
-   times 2^e, e carried apart, so no forward pass underflows.  Below 2^-RANGE every
-   activation equals its linearisation at 0 to working precision (the next term is
-   2^-RANGE relative: 2^-100 in double, 2^-30 in float). */
+/* The scaled forward pass (docs/ARCHITECTURE.md, "Rows beyond the floats"): a row of
+   activations whose largest entry is below 2^-VG_SCALE_RANGE or above 2^VG_SCALE_RANGE
+   is kept as a scaled row times 2^e, e carried apart, so no forward pass underflows or
+   overflows.  Below 2^-RANGE every activation equals its linearisation at 0, and above
+   2^RANGE its asymptote a h + c, to working precision (the next term is 2^-RANGE
+   relative: 2^-100 in double, 2^-30 in float). */
 #define VG_SCALE_RANGE_D 100
 #define VG_SCALE_RANGE_F 30
 #define VG_SCALE_TINY_D 7.8886090522101180541172856528278622967320643510902e-31 /* 2^-100 */
@@ -79,6 +80,9 @@ enum {
 #define VG_ERF_FN erf
 #define VG_ERFC_FN erfc
 #define VG_SCALE_TINY VG_SCALE_TINY_D
+#define VG_SCALE_RANGE VG_SCALE_RANGE_D
+#define VG_LDEXP ldexp
+#define VG_FREXP frexp
 #include "vg_activation_body.h"
 #undef VG_T
 #undef VG_IS_DOUBLE
@@ -89,6 +93,9 @@ enum {
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
 #undef VG_SCALE_TINY
+#undef VG_SCALE_RANGE
+#undef VG_LDEXP
+#undef VG_FREXP
 
 /* ---- float twin ------------------------------------------------------- */
 #define VG_T float
@@ -100,6 +107,9 @@ enum {
 #define VG_ERF_FN erff
 #define VG_ERFC_FN erfcf
 #define VG_SCALE_TINY VG_SCALE_TINY_F
+#define VG_SCALE_RANGE VG_SCALE_RANGE_F
+#define VG_LDEXP ldexpf
+#define VG_FREXP frexpf
 #include "vg_activation_body.h"
 #undef VG_T
 #undef VG_IS_DOUBLE
@@ -110,5 +120,8 @@ enum {
 #undef VG_ERF_FN
 #undef VG_ERFC_FN
 #undef VG_SCALE_TINY
+#undef VG_SCALE_RANGE
+#undef VG_LDEXP
+#undef VG_FREXP
 
 #endif /* VG_ACTIVATIONS_H */

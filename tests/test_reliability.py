@@ -422,13 +422,14 @@ def test_defect2_homogeneous_stacks_scale_exactly_at_any_input_scale(data):
 
     So for inputs scaled by c the derivatives, the cotangents and every Jacobian
     are unchanged and the weight gradients scale by c: log norms shift by log c,
-    whatever c (1e-300 .. 1 in float64, where the activations fall far below the
-    floats; 1e-30 .. 1 in float32), on every backend.
+    whatever c (1e-301 .. 1e301 in float64, where the activations fall far below
+    or rise far beyond the floats; 1e-30 .. 1e30 in float32), on every backend.
     """
     dtype = data.draw(st.sampled_from([np.float64, np.float32]), label="dtype")
     stack, x = _homogeneous_case(data.draw, dtype)
-    # c a power of two, so c x is exact: 2**-1000 (1e-301) .. 1 in float64, 2**-100 (1e-30) .. 1 in float32
-    power = data.draw(st.integers(-1000 if dtype == np.float64 else -100, 0), label="log2 c")
+    # c a power of two, so c x is exact: 2**+-1000 (1e+-301) in float64, 2**+-100 (1e+-30) in float32
+    limit = 1000 if dtype == np.float64 else 100
+    power = data.draw(st.integers(-limit, limit), label="log2 c")
     scale = 2.0 ** power
     unit_x, scaled_x = x, np.ldexp(x, power).astype(dtype)
     g = vg.random_inputs(stack, x.shape[0], seed=5)
@@ -450,8 +451,26 @@ def test_defect2_homogeneous_stacks_scale_exactly_at_any_input_scale(data):
                                        rtol=tolerance, atol=tolerance)
 
 
+@st.composite
+def tiny_input_cases(draw):
+    """(stack, x) over every option of the layer, for inputs far below the floats.
+
+    Biases are 0 (the rows stay below the floats: the scaled path) or at least
+    0.05 (they swamp the inputs); a bias between, at the inputs' rounding
+    level, makes a problem no two codes need agree on.
+    """
+    depth, width, batch = draw(st.integers(1, 12)), draw(st.integers(1, 8)), draw(st.integers(1, 3))
+    stack = vg.Stack.random(
+        depth, width, activation=draw(st.sampled_from(vg.ACTIVATIONS)),
+        init=draw(st.sampled_from(["gaussian", "orthogonal", "uniform"])), sigma_w=draw(st.floats(0.3, 1.6)),
+        sigma_b=draw(st.one_of(st.just(0.0), st.floats(0.05, 0.5))),
+        residual=draw(st.sampled_from([None, 1.0, 0.5])), norm=draw(st.sampled_from([None, "pre", "post"])),
+        seed=draw(st.integers(0, 2**31)))
+    return stack, vg.random_inputs(stack, batch, seed=draw(st.integers(0, 2**31)))
+
+
 @settings(max_examples=25, deadline=None)
-@given(case=stack_cases(max_depth=12, max_width=8, max_batch=3, dtypes=(np.float64,)), data=st.data())
+@given(case=tiny_input_cases(), data=st.data())
 def test_defect2_tiny_inputs_cpu_equals_the_reference(case, data):
     """Inputs far below the floats, every option of the layer (norms, residuals, biases, activations)."""
     stack, x = case
@@ -485,3 +504,57 @@ def test_defect2_tanh_below_the_floats_is_the_linear_stack():
         np.testing.assert_allclose(deep.log_weight_grad_norm, unit.log_weight_grad_norm + math.log(1e-200),
                                    rtol=1e-12)
         np.testing.assert_allclose(deep.log_grad_norm, unit.log_grad_norm, rtol=1e-12, atol=1e-12)
+
+
+
+# --------------------------------------------------------------------------
+# Defect 3: no NaN from finite inputs; activations beyond the floats are carried, not overflowed
+
+
+@pytest.mark.parametrize("activation,sigma_w,dtype", [
+    ("softplus", 1e6, np.float32), ("gelu", 1e6, np.float32),
+    ("softplus", 1e150, np.float64), ("gelu", 1e150, np.float64)])
+def test_defect3_profiles_and_spectra_of_exploding_activations_are_finite(activation, sigma_w, dtype):
+    """The issue's cases: activations grow by sigma_w per layer, past 3e38 (float32) or 1.8e308.
+
+    Was: a NaN Lyapunov spectrum beside a profile of -inf.  Now every log norm
+    is finite and the backends agree; a float32 stack agrees with the same
+    weights in float64 (its top exponent), so the values are the true ones.
+    """
+    stack = vg.Stack.random(10, 8, activation=activation, sigma_w=sigma_w, dtype=dtype, seed=0)
+    x = vg.random_inputs(stack, 2, seed=1)
+    profiles = [vg.gradient_profile(stack, x, backend=b) for b in BACKENDS]
+    for profile in profiles:
+        assert np.all(np.isfinite(profile.log_grad_norm))
+        assert np.all(np.isfinite(profile.log_weight_grad_norm))
+    tolerance = 1e-10 if dtype == np.float64 else 1e-5
+    for field in ("log_grad_norm", "log_weight_grad_norm"):
+        np.testing.assert_allclose(getattr(profiles[0], field), getattr(profiles[1], field), rtol=tolerance)
+    wide = vg.Stack(stack.weights.astype(np.float64), stack.biases.astype(np.float64), activation=activation)
+    truth = vg.lyapunov_exponents(wide, x.astype(np.float64), backend="numpy")[:, 0]
+    for backend in BACKENDS:
+        spectrum = vg.lyapunov_exponents(stack, x, backend=backend)
+        assert not np.any(np.isnan(spectrum))
+        np.testing.assert_allclose(spectrum[:, 0], truth, rtol=tolerance)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_defect3_post_norm_inputs_near_float32_max(backend):
+    """relu, norm="post", float32 inputs of 2**127 (1.7e38): was NaN from forward.
+
+    LN makes each layer's output independent of its input's scale once eps is
+    negligible, so the outputs equal those for inputs of 2**20, the input's
+    log gradient norm is 107 ln 2 lower and the weight gradients are the same.
+    """
+    stack = vg.Stack.random(5, 8, activation="relu", norm="post", dtype=np.float32, seed=0)
+    x = vg.random_inputs(stack, 2, seed=1)
+    huge, moderate = np.ldexp(x, 127), np.ldexp(x, 20)
+    np.testing.assert_allclose(vg.forward(stack, huge, backend=backend),
+                               vg.forward(stack, moderate, backend=backend), rtol=1e-5, atol=1e-5)
+    g = vg.random_inputs(stack, 2, seed=2)
+    high, low = (vg.gradient_profile(stack, inputs, g, backend=backend) for inputs in (huge, moderate))
+    np.testing.assert_allclose(high.log_grad_norm[:, 1:], low.log_grad_norm[:, 1:], rtol=1e-5)
+    shift = 107 * math.log(2)
+    np.testing.assert_allclose(high.log_grad_norm[:, 0], low.log_grad_norm[:, 0] - shift, rtol=1e-5)
+    # layer 1's weight gradient: its input 2**107 times larger, its cotangent at h 2**107 times smaller
+    np.testing.assert_allclose(high.log_weight_grad_norm, low.log_weight_grad_norm, rtol=1e-5)

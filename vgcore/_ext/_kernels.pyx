@@ -31,7 +31,7 @@ transposes (n, B), so ``H = U @ W.T`` is ``gemm('T', 'N')`` on (W, U) and
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport M_LN2, exp
+from libc.math cimport INFINITY, M_LN2, exp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -360,6 +360,11 @@ cdef inline Py_ssize_t _weight_gradient_scratch(Py_ssize_t batch, Py_ssize_t n) 
     return 2 * batch * n + 2 * (batch * batch if batch < n else n * n)
 
 
+cdef inline double _linear_input_exponent(int norm, double x_exp) noexcept nogil:
+    """The exponent of a layer's linear input u given its input's: LN(x) beyond the floats is true values."""
+    return 0 if norm == NORM_PRE and x_exp > 0 else x_exp
+
+
 cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
                                   const floating *cotangents_h, const floating *x_in,
                                   const floating *mean_pre, const floating *inv_pre,
@@ -369,7 +374,8 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
 
     g_b (B, n) are the unit-scaled cotangents at h with log scales s_b, u_b
     the layer's linear inputs (recomputed from its input x_in for pre-norm),
-    scaled rows with exponents u_exp (B,): s_b gains u_exp_b log 2.
+    scaled rows: s_b gains e_b log 2, e_b the exponent of u_b
+    (_linear_input_exponent of x_in's exponent u_exp).
     Samples are weighted by exp(s_b - max s), so the sum is exact whatever
     the spread of scales; the norm of the weighted sum comes from
     _layers._log_norm_of_outer_sum (U scaled so its squares cannot underflow;
@@ -378,16 +384,16 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, int norm,
     cdef Py_ssize_t b, i
     cdef floating *g = scratch
     cdef floating *u = scratch + batch * n
-    cdef double top = log_scale_h[0] + u_exp[0] * M_LN2, weight
+    cdef double top = -INFINITY, weight
     for b in range(batch):
-        if log_scale_h[b] + u_exp[b] * M_LN2 > top:
-            top = log_scale_h[b] + u_exp[b] * M_LN2
+        if log_scale_h[b] + _linear_input_exponent(norm, u_exp[b]) * M_LN2 > top:
+            top = log_scale_h[b] + _linear_input_exponent(norm, u_exp[b]) * M_LN2
     for b in range(batch):
-        weight = exp(log_scale_h[b] + u_exp[b] * M_LN2 - top)
+        weight = exp(log_scale_h[b] + _linear_input_exponent(norm, u_exp[b]) * M_LN2 - top)
         for i in range(n):
             g[b * n + i] = <floating> (weight * cotangents_h[b * n + i])
     if norm == NORM_PRE:
-        _recompute_pre_norm(batch, n, x_in, mean_pre, inv_pre, u)
+        _recompute_pre_norm(batch, n, x_in, mean_pre, inv_pre, u, u_exp)
     else:
         memcpy(u, x_in, batch * n * sizeof(floating))
     return top + _log_norm_of_outer_sum(batch, n, n, g, u, u + batch * n)

@@ -39,6 +39,8 @@ cdef extern from "vg_activations.h" nogil:
     vg_pair_f vg_activation_f(int kind, float h)
     vg_pair_d vg_activation_tiny_d(int kind, double h_scaled)
     vg_pair_f vg_activation_tiny_f(int kind, float h_scaled)
+    vg_pair_d vg_activation_huge_d(int kind, double h_scaled, int e)
+    vg_pair_f vg_activation_huge_f(int kind, float h_scaled, int e)
 
 cdef extern from "vg_stack.h" nogil:
     double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
@@ -109,12 +111,15 @@ cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating 
     """out[r] = (v[r] - mean) * inv_std; out may alias v; mean_out may be NULL.
 
     With exps (rows,) (NULL: all 0) row r is scaled, v[r] * 2**exps[r]
-    (_scale_rows): its variance is var * 4**e, inv_std is the true one and
-    out[r] keeps the exponent.
+    (_scale_rows): its variance is var * 4**e.  Below the floats (e < 0)
+    out[r] keeps the exponent; beyond them (e > 0) out[r] = (v - mean) /
+    sqrt(var + eps 4**-e), true values (exponent 0).  inv_std is always the
+    true one (vgcore.reference.stack.layer_norm).
     """
     cdef Py_ssize_t r, i
-    cdef double total, centred, var
-    cdef floating mean, inv_std
+    cdef double total, centred, var, eps
+    cdef int above
+    cdef floating mean, inv_std, factor
     for r in range(rows):
         total = 0
         for i in range(n):
@@ -125,11 +130,17 @@ cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating 
             centred = <double> (v[r * n + i] - mean)
             var = var + centred * centred
         var = var / n
-        if exps != NULL and exps[r] != 0:
+        eps = LAYER_NORM_EPS
+        above = 0
+        if exps != NULL and exps[r] < 0:
             var = ldexp(var, 2 * <int> exps[r])
-        inv_std = <floating> (1.0 / sqrt(var + LAYER_NORM_EPS))
+        elif exps != NULL and exps[r] > 0:
+            above = <int> exps[r]
+            eps = ldexp(eps, -2 * above)
+        factor = <floating> (1.0 / sqrt(var + eps))
+        inv_std = factor if above == 0 else <floating> ldexp(<double> factor, -above)
         for i in range(n):
-            out[r * n + i] = (v[r * n + i] - mean) * inv_std
+            out[r * n + i] = (v[r * n + i] - mean) * factor
         if mean_out != NULL:
             mean_out[r] = mean
         inv_std_out[r] = inv_std
@@ -144,7 +155,8 @@ cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t p
     normalised[sample] and scale inv_std[sample].  J_LN is symmetric, so this
     serves the JVP and the VJP alike.  With exps (samples,) (NULL: all 0) the
     normalised vectors are scaled rows, xhat = normalised * 2**e, and the last
-    term carries 4**e.
+    term carries 4**e; a positive e (the exponent of an LN input beyond the
+    floats, whose normalised row is true values) counts as 0.
     """
     cdef Py_ssize_t r, i, s
     cdef double g_mean, gx_mean
@@ -157,7 +169,7 @@ cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t p
             gx_mean = gx_mean + <double> g[r * n + i] * normalised[s * n + i]
         g_mean = g_mean / n
         gx_mean = gx_mean / n
-        if exps != NULL and exps[s] != 0:
+        if exps != NULL and exps[s] < 0:
             gx_mean = ldexp(gx_mean, 2 * <int> exps[s])
         for i in range(n):
             g[r * n + i] = inv_std[s] * <floating> (g[r * n + i] - g_mean - normalised[s * n + i] * gx_mean)
@@ -165,12 +177,20 @@ cdef inline void _layer_norm_product(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t p
 
 cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floating *x,
                                      const floating *mean, const floating *inv_std,
-                                     floating *u) noexcept nogil:
-    """u = LN(x) from the stored statistics, bit for bit as in the forward pass."""
+                                     floating *u, const double *exps) noexcept nogil:
+    """u = LN(x) from the stored statistics, bit for bit as in the forward pass.
+
+    exps (rows,) (NULL: all 0): the exponents of x's rows; beyond the floats
+    (e > 0) the stored inv_std is the true one, 2**-e times the factor LN applied.
+    """
     cdef Py_ssize_t r, i
+    cdef floating factor
     for r in range(rows):
+        factor = inv_std[r]
+        if exps != NULL and exps[r] > 0:
+            factor = <floating> ldexp(<double> inv_std[r], <int> exps[r])
         for i in range(n):
-            u[r * n + i] = (x[r * n + i] - mean[r]) * inv_std[r]
+            u[r * n + i] = (x[r * n + i] - mean[r]) * factor
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +215,21 @@ cdef inline void _phi(int kind, floating h, floating *value, floating *derivativ
         derivative[0] = pd.derivative
     else:
         pf = vg_activation_f(kind, h)
+        value[0] = pf.value
+        derivative[0] = pf.derivative
+
+
+cdef inline void _phi_huge(int kind, floating h_scaled, int e, floating *value,
+                           floating *derivative) noexcept nogil:
+    """phi(h) * 2**-e and phi'(h) for h = h_scaled * 2**e beyond 2**R (vg_activation_huge in csrc)."""
+    cdef vg_pair_d pd
+    cdef vg_pair_f pf
+    if floating is double:
+        pd = vg_activation_huge_d(kind, h_scaled, e)
+        value[0] = pd.value
+        derivative[0] = pd.derivative
+    else:
+        pf = vg_activation_huge_f(kind, h_scaled, e)
         value[0] = pf.value
         derivative[0] = pf.derivative
 
@@ -224,17 +259,18 @@ cdef inline double _largest_magnitude(Py_ssize_t n, const floating *v) noexcept 
 
 
 cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double *exps) noexcept nogil:
-    """Rows v[r] * 2**exps[r] re-expressed in place: scaled when below 2**-R, else true values.
+    """Rows v[r] * 2**exps[r] re-expressed in place: scaled when beyond 2**+-R, else true values.
 
-    The scaled forward pass (docs/ARCHITECTURE.md, "Rows below the floats";
+    The scaled forward pass (docs/ARCHITECTURE.md, "Rows beyond the floats";
     vgcore.reference.stack.scaled_rows): a row whose largest magnitude is
-    below 2**-R is scaled by a power of two to a largest entry in [0.5, 1)
-    and its exponent kept in exps; a row in range gets exponent 0 back (rows
-    in range with exponent 0, every row of a usual network, are untouched).
+    outside (2**-R, 2**R] is scaled by a power of two to a largest entry in
+    [0.5, 1) and its exponent kept in exps; a row in range gets exponent 0
+    back (rows in range with exponent 0, every row of a usual network, are
+    untouched).
     """
     cdef Py_ssize_t r, i
     cdef double largest
-    cdef int k, top, low = -_scale_range(<floating> 0)
+    cdef int k, top, high = _scale_range(<floating> 0)
     for r in range(rows):
         largest = _largest_magnitude(n, v + r * n)
         if largest == 0:
@@ -242,7 +278,7 @@ cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double 
             continue
         frexp(largest, &k)
         top = <int> exps[r] + k
-        if top > low:
+        if -high < top <= high:
             if exps[r] != 0:
                 for i in range(n):
                     v[r * n + i] = <floating> ldexp(<double> v[r * n + i], <int> exps[r])
@@ -254,7 +290,7 @@ cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double 
 
 
 cdef inline void _true_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, const double *exps) noexcept nogil:
-    """v[r] <- v[r] * 2**exps[r], the true values (they may underflow: that is their value)."""
+    """v[r] <- v[r] * 2**exps[r], the true values (they may under- or overflow: that is their value)."""
     cdef Py_ssize_t r, i
     for r in range(rows):
         if exps[r] != 0:
@@ -267,13 +303,14 @@ cdef inline double _scaled_activation_row(int activation, Py_ssize_t n, floating
     """h <- phi(h * 2**exponent + bias) of one row of scaled products (exponent != 0); returns its exponent.
 
     vgcore.reference.stack.scaled_activation: the products and the bias are
-    put on one exponent; a row then in range is evaluated as true values,
-    any other is below 2**-R, where phi is its linearisation at 0
-    (_phi_tiny), plus phi(0), which when not 0 swamps the rest.
+    put on one exponent; a row then in range is evaluated as true values.
+    Below 2**-R phi is its linearisation at 0 (_phi_tiny), plus phi(0), which
+    when not 0 swamps the rest; beyond 2**R entries up to 2**R are evaluated
+    as they are and larger ones on phi's asymptote (_phi_huge).
     """
     cdef Py_ssize_t i
     cdef double largest = _largest_magnitude(n, h), bias_largest = _largest_magnitude(n, bias)
-    cdef int k, e_h = 0, low = -_scale_range(<floating> 0)
+    cdef int k, e_h = 0, high = _scale_range(<floating> 0), low = -high
     cdef bint any_term = False
     cdef floating zero_value, zero_derivative, value
     if largest > 0:
@@ -292,6 +329,10 @@ cdef inline double _scaled_activation_row(int activation, Py_ssize_t n, floating
     for i in range(n):
         h[i] = (<floating> ldexp(<double> h[i], <int> exponent - e_h)
                 + <floating> ldexp(<double> bias[i], -e_h))
+    if e_h > high:
+        for i in range(n):
+            _phi_huge(activation, h[i], e_h, &h[i], &derivative[i])
+        return e_h
     if e_h > low:
         for i in range(n):
             _phi(activation, <floating> ldexp(<double> h[i], e_h), &h[i], &derivative[i])
@@ -335,10 +376,12 @@ cdef inline void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, b
             if x_exp[r] == 0:
                 _activation_block(activation, 1, n, out + r * n, bias, derivative + r * n)
                 out_exp[r] = 0
+            elif norm == NORM_PRE and x_exp[r] > 0:  # LN(x) of a row beyond the floats: true values
+                _activation_block(activation, 1, n, out + r * n, bias, derivative + r * n)
+                out_exp[r] = 0
             else:
                 out_exp[r] = _scaled_activation_row(activation, n, out + r * n, bias, derivative + r * n,
                                                     x_exp[r])
-                scaled = True
     if has_residual:
         if not scaled:
             for i in range(size):
@@ -359,6 +402,10 @@ cdef inline void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, b
                     out_exp[r] = top
     if norm == NORM_POST:
         _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post, out_exp if scaled else <double *> NULL)
+        if scaled:
+            for r in range(rows):
+                if out_exp[r] > 0:  # LN of a row beyond the floats: true values
+                    out_exp[r] = 0
     _scale_rows(rows, n, out, out_exp)
 
 
@@ -387,7 +434,7 @@ cdef inline void _vjp_layer(Py_ssize_t rows, Py_ssize_t n, Py_ssize_t per_sample
             g_h[r * n + i] = scale * g[r * n + i] * derivative[s * n + i]
     _rows_times_weight(rows, n, g_h, weight, work)
     if norm == NORM_PRE:
-        _recompute_pre_norm(samples, n, x, mean_pre, inv_pre, u_work)
+        _recompute_pre_norm(samples, n, x, mean_pre, inv_pre, u_work, x_exp)
         _layer_norm_product(rows, n, per_sample, work, u_work, inv_pre, x_exp)
     if has_residual:
         for i in range(rows * n):
@@ -502,12 +549,13 @@ cdef inline double _largest_row_norm(Py_ssize_t rows, Py_ssize_t n, const floati
     return ldexp(sqrt(largest), exponent)
 
 
-cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n, const floating *g,
+cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ssize_t n, floating *g,
                                           floating *u, floating *product) noexcept nogil:
     """log ||sum_b g_b u_b^T||_F = log ||G^T U||_F for G (batch, gn) and U (batch, n); -inf when 0.
 
-    U is scaled in place to unit largest row (its squares cannot underflow) and
-    the scale added back in log space.  With fewer samples than columns of U
+    G and U are scaled in place to unit largest row (their squares cannot
+    underflow: G, the cotangents at h, may be far below 1 in float32) and the
+    scales added back in log space.  With fewer samples than columns of U
     the squared norm comes from the two Gram matrices, sum_ij (G G^T)_ij
     (U U^T)_ij, without forming the (gn, n) product; ``product`` holds
     2 batch^2 values then, else gn * n.  Shared by the weight-gradient norms of
@@ -517,12 +565,17 @@ cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ss
     cdef Py_ssize_t i, j
     cdef floating *gram_g = product
     cdef floating *gram_u = product + batch * batch
-    cdef double total = 0, u_scale = _largest_row_norm(batch, n, u)
+    cdef double total = 0, u_scale = _largest_row_norm(batch, n, u), g_scale = _largest_row_norm(batch, gn, g)
     if u_scale > 0:
         for i in range(batch * n):
             u[i] = <floating> (u[i] / u_scale)
     else:
         u_scale = 1
+    if g_scale > 0:
+        for i in range(batch * gn):
+            g[i] = <floating> (g[i] / g_scale)
+    else:
+        g_scale = 1
     if use_gram:
         _gram_upper(batch, gn, g, gram_g)
         _gram_upper(batch, n, u, gram_u)
@@ -537,7 +590,7 @@ cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ss
         for i in range(gn * n):
             total = total + <double> product[i] * product[i]
     if total > 0:
-        return log(u_scale) + 0.5 * log(total)
+        return log(u_scale) + log(g_scale) + 0.5 * log(total)
     return -INFINITY
 
 

@@ -309,7 +309,7 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
             u = x_in + first * n
             if norms[c] == NORM_PRE:
                 _recompute_pre_norm(batch, n, u, mean_pre + layer * rows + first,
-                                    inv_pre + layer * rows + first, u_work)
+                                    inv_pre + layer * rows + first, u_work, <double *> NULL)
                 u = u_work
             log_weight_grad_norm[c * depth + layer] = _weight_gradient_norm(
                 batch, n, d, u, log_scale + first, g_scratch, u_scratch, gradient)
@@ -322,7 +322,7 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
             gs = g + first * n
             if norms[c] == NORM_PRE:
                 _recompute_pre_norm(batch, n, x_in + first * n, mean_pre + layer * rows + first,
-                                    inv_pre + layer * rows + first, u_work)
+                                    inv_pre + layer * rows + first, u_work, <double *> NULL)
                 _layer_norm_product(batch, n, 1, product + first * n, u_work,
                                     inv_pre + layer * rows + first, <double *> NULL)
             if has_residual[c]:

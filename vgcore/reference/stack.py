@@ -30,16 +30,25 @@ def layer_norm(v: np.ndarray, exponent: np.ndarray | None = None) -> tuple[np.nd
     """LN over the last axis: ``((v - mean) * inv_std, inv_std)``, inv_std with a kept axis.
 
     With ``exponent`` (B,) the rows are scaled (:func:`scaled_rows`): row b
-    stands for ``v_b * 2**exponent_b``, so its variance is ``var_b * 4**e_b``
-    and the normalised row, ``(v_b - mean_b) * inv_std_b``, carries the same
-    exponent (LN's eps keeps it tiny).  inv_std is always the true one.
+    stands for ``v_b * 2**e_b``, so its variance is ``var_b * 4**e_b``.  Below
+    the floats (e < 0) the normalised row ``(v_b - mean_b) * inv_std_b`` keeps
+    the exponent (LN's eps keeps it tiny); beyond them (e > 0) it is
+    ``(v_b - mean_b) / sqrt(var_b + eps 4**-e)``, true values of order 1, so
+    the normalised rows' exponents are ``min(e, 0)``.  inv_std is always the
+    true one (beyond 2**126 in float32 it is subnormal and loses bits).
     """
     centred = v - v.mean(axis=-1, keepdims=True)
     variance = (centred * centred).mean(axis=-1, keepdims=True)
-    if exponent is not None:
-        variance = np.ldexp(variance, 2 * exponent[:, None]).astype(v.dtype, copy=False)
-    inv_std = 1.0 / np.sqrt(variance + LAYER_NORM_EPS)
-    return (centred * inv_std).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
+    if exponent is None:
+        inv_std = 1.0 / np.sqrt(variance + LAYER_NORM_EPS)
+        return (centred * inv_std).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
+    e = exponent[:, None]
+    below = np.minimum(e, 0).astype(np.int32)
+    above = np.maximum(e, 0).astype(np.int32)
+    eps = np.ldexp(np.asarray(LAYER_NORM_EPS, v.dtype), -2 * above)
+    inv_scaled = (1.0 / np.sqrt(np.ldexp(variance, 2 * below) + eps)).astype(v.dtype, copy=False)
+    inv_std = np.ldexp(inv_scaled, -above).astype(v.dtype, copy=False)
+    return (centred * inv_scaled).astype(v.dtype, copy=False), inv_std
 
 
 def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: np.ndarray,
@@ -58,31 +67,32 @@ def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: 
 
 
 # ---------------------------------------------------------------------------
-# Rows below the floats (docs/ARCHITECTURE.md): a row whose largest entry is below
-# 2**-SCALE_RANGE is kept as v * 2**e with max |v| in [0.5, 1) and e carried apart, so no
-# forward pass underflows.  Rows in range keep e = 0 and are computed as they always were.
+# Rows beyond the floats (docs/ARCHITECTURE.md): a row whose largest entry is below
+# 2**-SCALE_RANGE or above 2**SCALE_RANGE is kept as v * 2**e with max |v| in [0.5, 1) and e
+# carried apart, so no forward pass underflows or overflows.  Rows in range keep e = 0 and are
+# computed as they always were.
 
 
 def scaled_rows(v: np.ndarray, exponent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``v * 2**exponent`` (B, n) re-expressed: ``(v', e')`` with e' = 0 where the row is in range.
 
-    A row whose largest magnitude M * 2**e is at least 2**-SCALE_RANGE is
-    returned unscaled (e' = 0); a smaller one is scaled by a power of two to
-    max |v'| in [0.5, 1); a zero row stays zero with e' = 0.
+    A row whose largest magnitude M * 2**e lies in (2**-R, 2**R] (R =
+    SCALE_RANGE) is returned unscaled (e' = 0); any other is scaled by a power
+    of two to max |v'| in [0.5, 1); a zero row stays zero with e' = 0.
     """
-    low = -SCALE_RANGE[v.dtype.name]
+    high = SCALE_RANGE[v.dtype.name]
     largest = np.max(np.abs(v), axis=-1)
     _, k = np.frexp(largest)
     top = exponent + k
     zero = largest == 0
-    in_range = (top > low) | zero
+    in_range = ((top > -high) & (top <= high)) | zero
     shift = np.where(in_range, exponent, -k)  # in range: back to true values; else max into [0.5, 1)
     out = np.ldexp(v, shift[:, None].astype(np.int32)).astype(v.dtype, copy=False)
     return out, np.where(in_range, 0, top).astype(np.int64)
 
 
 def true_rows(v: np.ndarray, exponent: np.ndarray) -> np.ndarray:
-    """The values ``v * 2**exponent`` in v's dtype (they may underflow: that is their true value)."""
+    """The values ``v * 2**exponent`` in v's dtype (they may under- or overflow: that is their value)."""
     return np.ldexp(v, exponent[:, None].astype(np.int32)).astype(v.dtype, copy=False)
 
 
@@ -91,14 +101,17 @@ def scaled_activation(activation_name: str, hs: np.ndarray, exponent: np.ndarray
     """``phi(hs * 2**e + bias)`` for rows of scaled products hs (B, m): ``(f, e_f, phi')``.
 
     Rows with e = 0 are the plain ``phi(hs + bias)``.  Any other row is first
-    put on one exponent with the bias (its largest entry in [0.5, 2)); if it
-    is then in range it is evaluated as true values, else every entry is below
-    2**-SCALE_RANGE and phi is its linearisation at 0: phi'(0+) or phi'(0-) by
-    the sign (vg_activation_tiny in csrc/vg_activation_body.h), times h, plus
+    put on one exponent e_h with the bias (its largest entry in [0.5, 2)); if
+    it is then in range it is evaluated as true values.  Below 2**-R every
+    entry is, and phi is its linearisation at 0: phi'(0+) or phi'(0-) by the
+    sign (vg_activation_tiny in csrc/vg_activation_body.h), times h, plus
     phi(0) -- which, when it is not 0, swamps the rest and leaves a true row.
+    Beyond 2**R (:func:`activation_huge`) entries up to 2**R are evaluated as
+    they are and larger ones on phi's asymptote.
     """
     dtype = hs.dtype
-    low = -SCALE_RANGE[dtype.name]
+    high = SCALE_RANGE[dtype.name]
+    low = -high
     scaled = exponent != 0
     h = hs + bias
     if not scaled.any():
@@ -123,6 +136,10 @@ def scaled_activation(activation_name: str, hs: np.ndarray, exponent: np.ndarray
                      ([int(k_bias)] if bias_largest > 0 else [])
         e_h = max(candidates)
         row_h = (np.ldexp(products, e - e_h) + np.ldexp(bias, -e_h)).astype(dtype)
+        if e_h > high:
+            f[row], derivative[row] = activation_huge(activation_name, row_h, e_h)
+            e_f[row] = e_h
+            continue
         if e_h > low:
             f[row], derivative[row] = activation(activation_name, np.ldexp(row_h, e_h).astype(dtype))
             continue
@@ -133,6 +150,30 @@ def scaled_activation(activation_name: str, hs: np.ndarray, exponent: np.ndarray
         else:
             f[row], e_f[row] = derivative[row] * row_h, e_h
     return f, e_f, derivative
+
+
+def activation_huge(activation_name: str, h_scaled: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(phi(h) * 2**-e, phi'(h))`` for h = h_scaled * 2**e beyond 2**SCALE_RANGE (e > 0).
+
+    Entries with |h| <= 2**R are evaluated as they are; larger ones lie on
+    phi's asymptote a h + c, with a = phi'(+-2**R) and c = phi(+-2**R) -
+    a (+-2**R) (vg_activation_huge in csrc/vg_activation_body.h).
+    """
+    dtype = h_scaled.dtype
+    high = SCALE_RANGE[dtype.name]
+    _, k = np.frexp(h_scaled)
+    direct = (h_scaled == 0) | (k + e <= high)
+    value = np.empty_like(h_scaled)
+    derivative = np.empty_like(h_scaled)
+    value[direct], derivative[direct] = activation(activation_name,
+                                                   np.ldexp(h_scaled[direct], e).astype(dtype))
+    value[direct] = np.ldexp(value[direct], -e)
+    far = ~direct
+    big = np.where(h_scaled[far] > 0, 1.0, -1.0).astype(dtype) * np.ldexp(dtype.type(1), high)
+    at_big, slope = activation(activation_name, big)
+    value[far] = slope * h_scaled[far] + np.ldexp(at_big - slope * big, -e).astype(dtype)
+    derivative[far] = slope
+    return value, derivative
 
 
 def add_scaled(a: np.ndarray, e_a: np.ndarray, b: np.ndarray,
@@ -171,9 +212,11 @@ def layer_forward(weight, bias, x, activation_name, residual, norm,
         x, exponent = scaled_rows(x, np.zeros(len(x), np.int64))
     inv_std_pre = inv_std_post = None
     u = x
+    u_exp = exponent
     if norm == "pre":
         u, inv_std_pre = layer_norm(x, exponent)
-    f, e_f, derivative = scaled_activation(activation_name, u @ weight.T, exponent, bias)
+        u_exp = np.minimum(exponent, 0)
+    f, e_f, derivative = scaled_activation(activation_name, u @ weight.T, u_exp, bias)
     if residual is not None:
         y, e_y = add_scaled(x, exponent, (residual * f).astype(x.dtype, copy=False), e_f)
     else:
@@ -181,8 +224,9 @@ def layer_forward(weight, bias, x, activation_name, residual, norm,
     out = y
     if norm == "post":
         out, inv_std_post = layer_norm(y, e_y)
+        e_y = np.minimum(e_y, 0)
     out, out_exp = scaled_rows(out.astype(x.dtype, copy=False), e_y)
-    return out, LayerCache(u, exponent, inv_std_pre, derivative, out, out_exp, inv_std_post)
+    return out, LayerCache(u, u_exp, inv_std_pre, derivative, out, out_exp, inv_std_post)
 
 
 def _expand(cache_array, k_axis: bool):
