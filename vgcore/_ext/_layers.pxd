@@ -42,6 +42,10 @@ cdef extern from "vg_activations.h" nogil:
     vg_pair_d vg_activation_huge_d(int kind, double h_scaled, int e)
     vg_pair_f vg_activation_huge_f(int kind, float h_scaled, int e)
 
+cdef extern from "vg_sweep.h" nogil:
+    double vg_largest_entry_d(long count, const double *a)
+    double vg_largest_entry_f(long count, const float *a)
+
 cdef extern from "vg_stack.h" nogil:
     double LAYER_NORM_EPS "VG_LAYER_NORM_EPS"
     enum:
@@ -249,13 +253,17 @@ cdef inline void _phi_tiny(int kind, floating h_scaled, floating *value, floatin
 
 
 cdef inline double _largest_magnitude(Py_ssize_t n, const floating *v) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double largest = 0, magnitude
-    for i in range(n):
-        magnitude = fabs(<double> v[i])
-        if magnitude > largest:
-            largest = magnitude
-    return largest
+    """max_i |v_i| (0 for n = 0), vectorised (csrc/vg_sweep.h; NaN entries are skipped)."""
+    if floating is double:
+        return vg_largest_entry_d(n, v)
+    else:
+        return vg_largest_entry_f(n, v)
+
+
+cdef inline bint _within(Py_ssize_t count, const floating *v, int low, int high) noexcept nogil:
+    """Whether the largest |v_i| lies in [2**low, 2**high): one vectorised pass."""
+    cdef double largest = _largest_magnitude(count, v)
+    return ldexp(1.0, low) <= largest < ldexp(1.0, high)
 
 
 cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double *exps) noexcept nogil:
@@ -272,6 +280,8 @@ cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double 
     cdef double largest
     cdef int k, top, high = _scale_range(<floating> 0)
     for r in range(rows):
+        if exps[r] == 0 and _within(n, v + r * n, -high, high):
+            continue  # the usual row
         largest = _largest_magnitude(n, v + r * n)
         if largest == 0:
             exps[r] = 0
@@ -565,7 +575,9 @@ cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ss
     cdef Py_ssize_t i, j
     cdef floating *gram_g = product
     cdef floating *gram_u = product + batch * batch
-    cdef double total = 0, u_scale = _largest_row_norm(batch, n, u), g_scale = _largest_row_norm(batch, gn, g)
+    cdef double total = 0, u_scale = _largest_row_norm(batch, n, u), g_scale = 0
+    if not _within(batch * gn, g, -40, 40):  # rarely: squares of G would leave float32
+        g_scale = _largest_row_norm(batch, gn, g)
     if u_scale > 0:
         for i in range(batch * n):
             u[i] = <floating> (u[i] / u_scale)
@@ -575,7 +587,7 @@ cdef inline double _log_norm_of_outer_sum(Py_ssize_t batch, Py_ssize_t gn, Py_ss
         for i in range(batch * gn):
             g[i] = <floating> (g[i] / g_scale)
     else:
-        g_scale = 1
+        g_scale = 1  # G in range, or 0 (then the norm is -inf anyway)
     if use_gram:
         _gram_upper(batch, gn, g, gram_g)
         _gram_upper(batch, n, u, gram_u)
