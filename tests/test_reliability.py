@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vgcore as vg
+from vgcore import _validation as check
 from vgcore import cli, theory
 from vgcore.sweep import normalize_seeds, sweep
 
@@ -241,6 +242,25 @@ def test_defect8_errors_name_their_argument():
         theory.depth_scales("tanh", 1e-200, 0)
     # a stack outside theory's range still works; its chi_theory is NaN ("theory does not apply")
     assert math.isnan(vg.Stack.random(2, 4, sigma_w=1e200, seed=0).chi_theory)
+
+
+def test_defect8_computations_beyond_memory_are_refused_naming_x(monkeypatch):
+    """A profile, VJP or Jacobian whose workspaces cannot fit is refused before any work (was
+    NumPy's bare MemoryError, "Unable to allocate 191. GiB ..."), and the message says what fits."""
+    monkeypatch.setattr(check, "available_memory", lambda: 2**24)  # 16 MiB
+    stack = vg.Stack.random(100, 16, seed=0)
+    x = vg.random_inputs(stack, 2000, seed=1)
+    with pytest.raises(ValueError, match=r"^x: the gradient profile of 2,000 samples through 100 layers .*"
+                                         r"segment='auto' keeps about 21.* needs about 49.3 MiB"):
+        vg.gradient_profile(stack, x)
+    assert np.all(np.isfinite(vg.gradient_profile(stack, x, segment="auto").log_grad_norm))
+    with pytest.raises(ValueError, match=r"^x: the vjp of 4 vectors for each of 2,000 samples"):
+        vg.vjp(stack, x, np.zeros((2000, 4, 16)))
+    wide = vg.Stack.random(2, 256, seed=0)
+    with pytest.raises(ValueError, match=r"^x: the Jacobians of 100 samples of width 256"):
+        vg.jacobian(wide, vg.random_inputs(wide, 100, seed=1))
+    with pytest.raises(ValueError, match=r"^x: the singular values of the Jacobians of 100 samples"):
+        vg.singular_values(wide, vg.random_inputs(wide, 100, seed=1))
 
 
 def test_defect8_theory_exact_for_tiny_sigma_w():

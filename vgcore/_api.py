@@ -53,6 +53,12 @@ def _out(out: Any, shape: tuple[int, ...], problem: Problem, *others: Any, given
                            tuple(a for a in given if a is not None))
 
 
+def _check_size(problem: Problem, values: float, what: str) -> None:
+    """ValueError naming x, before any work, when ``values`` values of the model's dtype exceed the
+    memory this process can have (vgcore._validation.check_memory): the batch of x sets the size."""
+    check.check_memory(values * np.dtype(problem.model.dtype).itemsize, "x", what)
+
+
 def _no_nan(result: Any, stack: Any, what: str) -> Any:
     """``result``, or a ValueError naming stack where the computation overflowed into NaN.
 
@@ -188,11 +194,20 @@ def gradient_profile(stack: Any, x: Any, grad_output: Any = None, *, backend: st
     Raises
     ------
     TypeError, ValueError
-        Naming the offending argument, before any work; ValueError naming
-        stack where the computation overflows the dtype into NaN (never returned).
+        Naming the offending argument, before any work (x when the kept
+        activations, 2 (L + 1) B n values, exceed the memory available: use
+        ``segment``); ValueError naming stack where the computation overflows
+        the dtype into NaN (never returned).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     segment = _check_segment(segment, problem.depth)
+    depth, batch, width = problem.depth, problem.batch, stack.state_width
+    kept = depth if segment is None else segment + -(-depth // segment)
+    _check_size(problem, 2.0 * (kept + 1) * batch * width,
+                f"the gradient profile of {batch:,} samples through {depth:,} layers (or steps) of width "
+                f"{width}, keeping x_l and phi'(h) of {kept:,} of them"
+                + ("" if segment is not None else " (segment='auto' keeps about "
+                   f"{_check_segment('auto', depth) + -(-depth // _check_segment('auto', depth)):,})"))
     if grad_output is None:
         grad_output = default_grad_output(stack, problem.batch)
     else:
@@ -214,6 +229,11 @@ def _jacobian_product(kind: str, stack: Any, x: Any, vectors: Any, name: str, ou
     vectors = check.vectors_array(vectors, name, batch=problem.batch, width=stack.state_width,
                                   dtype=stack.dtype, like=problem.x, device=stack.device)
     shape = (problem.batch, vectors.shape[-2], stack.state_width)
+    # the vectors twice (out and the kernels' scratch), and for a VJP every layer's forward pass
+    kept = 2.0 * (problem.depth + 1) * problem.batch * stack.state_width if kind == "vjp" else 0
+    _check_size(problem, 2.0 * math.prod(shape) + kept,
+                f"the {kind} of {shape[1]:,} vectors for each of {problem.batch:,} samples through "
+                f"{problem.depth:,} layers (or steps) of width {stack.state_width}")
     out = _out(out, shape, problem, vectors, given=(x, call.get("inputs"), given_vectors))
     return _no_nan(getattr(backend_module, kind)(problem, vectors, out), stack, f"the {kind}")
 
@@ -319,6 +339,8 @@ def jacobian(stack: Any, x: Any, *, out: Any = None, backend: str = "auto", step
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
     width = stack.state_width
+    _check_size(problem, 3.0 * problem.batch * width * width,
+                f"the Jacobians of {problem.batch:,} samples of width {width} ({width} x {width} each)")
     out = _out(out, (problem.batch, width, width), problem, given=(x, inputs))
     return _no_nan(backend_module.jacobian(problem, out), stack, "the Jacobian")
 
@@ -358,6 +380,10 @@ def singular_values(stack: Any, x: Any, *, backend: str = "auto", steps: int | N
         where the Jacobian overflows the dtype (its SVD does not exist in it).
     """
     backend_module, problem = _prepare(stack, x, backend, steps=steps, inputs=inputs)
+    width = stack.state_width
+    _check_size(problem, 4.0 * problem.batch * width * width,
+                f"the singular values of the Jacobians of {problem.batch:,} samples of width {width} "
+                f"({width} x {width} each, and their SVD's workspace)")
     try:
         return _no_nan(backend_module.singular_values(problem), stack, "the singular values")
     except np.linalg.LinAlgError as error:  # LAPACK refuses a Jacobian that overflowed to inf / NaN
