@@ -20,6 +20,15 @@
  * whose caches (normalised vectors, inverse standard deviations, phi') sit at
  * index b.  Element offsets are computed in long long: B * k * n may exceed
  * 2^31 (a Jacobian of 512 samples of width 2048).
+ *
+ * Scaled rows (docs/ARCHITECTURE.md, "Rows below the floats"; the specification is
+ * vgcore/reference/stack.py: scaled_rows, scaled_activation, add_scaled, layer_norm,
+ * layer_norm_jacobian_product).  Every stored row of activations r carries an int
+ * exponent e_r <= 0 (int32 arrays beside the rows): its true values are row * 2^e_r.
+ * A row whose largest |entry| * 2^e is below 2^-VG_SCALE_RANGE is stored scaled to a
+ * largest |entry| in [0.5, 1); a row in range has e = 0 and is computed exactly as it
+ * was before exponents existed.  The exponent of a row is uniform over its block, so
+ * every branch on it is too (the block barriers inside are safe).
  */
 #include "vg_activations.h"
 #include "vg_stack.h"
@@ -28,6 +37,33 @@
 
 __device__ __forceinline__ vg_pair_d vg_activation_t(int kind, double h) { return vg_activation_d(kind, h); }
 __device__ __forceinline__ vg_pair_f vg_activation_t(int kind, float h) { return vg_activation_f(kind, h); }
+/* phi at h = h_scaled * 2^e_h far below the floats: its linearisation at 0 (the shared header) */
+__device__ __forceinline__ vg_pair_d vg_activation_tiny_t(int kind, double h_scaled)
+{
+    return vg_activation_tiny_d(kind, h_scaled);
+}
+__device__ __forceinline__ vg_pair_f vg_activation_tiny_t(int kind, float h_scaled)
+{
+    return vg_activation_tiny_f(kind, h_scaled);
+}
+
+/* R of the scaled rows: a row is below the floats when its largest |entry| is below 2^-R. */
+__device__ __forceinline__ int vg_scale_range(double) { return VG_SCALE_RANGE_D; }
+__device__ __forceinline__ int vg_scale_range(float) { return VG_SCALE_RANGE_F; }
+
+/* v * 2^e in v's own type (one rounding, only where the result is subnormal). */
+__device__ __forceinline__ double vg_ldexp(double v, int e) { return ldexp(v, e); }
+__device__ __forceinline__ float vg_ldexp(float v, int e) { return ldexpf(v, e); }
+
+/* k with v = m 2^k, m in [0.5, 1) (frexp's exponent, NumPy's np.frexp(v)[1]); 0 for v = 0.
+   Taken in double: a float, subnormal or not, has the same k. */
+__device__ __forceinline__ int vg_frexp_exponent(double v)
+{
+    int k = 0;
+    if (v != 0)
+        frexp(v, &k);
+    return k;
+}
 
 /* -inf without <math.h> (NVRTC has no system headers). */
 __device__ __forceinline__ double vg_negative_infinity()
@@ -85,9 +121,12 @@ __device__ __forceinline__ double vg_block_max(double value, double *scratch)
 /* out <- (v - mean) * inv_std over the calling block's row, given each thread's partial
    sum of v; returns inv_std.  Two passes, as the CPU kernel: the mean in double rounded
    to T, then the variance of the rounded deviations in double.  out may alias v.
-   Every thread of the block must call it. */
+   The row is scaled by 2^exponent (reference layer_norm(v, exponent)): its true variance
+   is the stored one times 4^exponent, inv_std is the true one, and out carries the same
+   exponent as v.  Every thread of the block must call it. */
 template <typename T>
-__device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const T *v, T *out, double *scratch)
+__device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const T *v, T *out, int exponent,
+                                               double *scratch)
 {
     const T mean = (T)(vg_block_sum(partial_sum, scratch) / n);
     double var = 0;
@@ -95,17 +134,23 @@ __device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const 
         const double centred = (double)(v[i] - mean);
         var += centred * centred;
     }
-    const T inv_std = (T)(1.0 / sqrt(vg_block_sum(var, scratch) / n + VG_LAYER_NORM_EPS));
+    double variance = vg_block_sum(var, scratch) / n;
+    if (exponent != 0)
+        variance = ldexp(variance, 2 * exponent);
+    const T inv_std = (T)(1.0 / sqrt(variance + VG_LAYER_NORM_EPS));
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[i] = (v[i] - mean) * inv_std;
     return inv_std;
 }
 
 /* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
-   Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row. */
+   Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row.
+   xhat is stored scaled by 2^exponent (reference layer_norm_jacobian_product): the
+   returned mean(xhat g) is that of the stored xhat times 4^exponent, ready to multiply
+   the stored xhat again. */
 template <typename T>
-__device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, double *scratch,
-                                                    double *g_mean, double *gx_mean)
+__device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, int exponent,
+                                                    double *scratch, double *g_mean, double *gx_mean)
 {
     double g_total = 0, gx_total = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -114,31 +159,130 @@ __device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T 
     }
     *g_mean = vg_block_sum(g_total, scratch) / n;
     *gx_mean = vg_block_sum(gx_total, scratch) / n;
+    if (exponent != 0)
+        *gx_mean = ldexp(*gx_mean, 2 * exponent);
 }
 
 /* out <- J_LN in (+ addend) over the calling block's row, J_LN the layer norm's (symmetric)
-   Jacobian at the normalised vector xhat with scale inv_std:
-   inv_std (in - mean(in) - xhat mean(xhat in)).  out may alias in or addend; addend may be
-   NULL.  Every thread of the block must call it. */
+   Jacobian at the normalised vector xhat * 2^exponent with scale inv_std:
+   inv_std (in - mean(in) - xhat 4^exponent mean(xhat in)).  out may alias in or addend;
+   addend may be NULL.  Every thread of the block must call it. */
 template <typename T>
-__device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, const T *xhat, T inv_std,
-                                                          const T *addend, T *out, double *scratch)
+__device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, const T *xhat, int exponent,
+                                                          T inv_std, const T *addend, T *out, double *scratch)
 {
     double g_mean, gx_mean;
-    vg_layer_norm_means(n, in, xhat, scratch, &g_mean, &gx_mean);
+    vg_layer_norm_means(n, in, xhat, exponent, scratch, &g_mean, &gx_mean);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const T v = inv_std * (T)((double)in[i] - g_mean - (double)xhat[i] * gx_mean);
         out[i] = addend != nullptr ? addend[i] + v : v;
     }
 }
 
+/* ---- scaled rows -------------------------------------------------------- */
+
+/* The reference's scaled_rows for the calling block's row v, standing for v * 2^e, in place;
+   largest is max_i |v_i| (block-reduced: the same on every thread).  A zero row, or one whose
+   largest entry is at least 2^-R in true value (e + k > -R with largest = m 2^k, m in
+   [0.5, 1)), is written as its true values (left as it is when e is 0) and gets exponent 0;
+   a smaller one is scaled by 2^-k to a largest entry in [0.5, 1) and gets exponent e + k.
+   Returns the new exponent.  Each thread rescales its own entries (i = threadIdx.x + j blockDim.x)
+   and nothing else, so no barrier is needed after a loop of the same stride wrote them. */
+template <typename T>
+__device__ __forceinline__ int vg_rescale_row(int n, T *v, int e, double largest)
+{
+    const int k = vg_frexp_exponent(largest);
+    const bool in_range = largest == 0 || e + k > -vg_scale_range((T)0);
+    const int shift = in_range ? e : -k;
+    if (shift != 0)
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            v[i] = vg_ldexp(v[i], shift);
+    return in_range ? 0 : e + k;
+}
+
+/* The layer's activation and residual branch for a scaled row (e != 0), in place on hr:
+   on entry hr holds the products hs = u W^T of the linear input u, whose true values are
+   hs * 2^e; on return hr holds y, whose true values are y * 2^(returned exponent), and
+   dr (if not NULL) phi'(h).  The reference's scaled_activation then add_scaled:
+     - h = hs 2^e + bias is put on one exponent e_h, the larger of e + k(max |hs|) and
+       k(max |bias|) (k: frexp's exponent; e_h = 0 when both parts are zero, h = 0):
+       h_scaled = hs 2^(e - e_h) + bias 2^-e_h;
+     - e_h > -R: h is in range, phi is evaluated on the true values h_scaled 2^e_h and f has
+       exponent 0;
+     - e_h <= -R: every |h| < 2^-R and phi is its linearisation at 0 (vg_activation_tiny:
+       phi'(0+) or phi'(0-) by the sign, value phi' h_scaled); f = phi(0) with exponent 0 when
+       phi(0) != 0 (it swamps the rest), else f = phi' h_scaled with exponent e_h;
+     - y = x + residual f added on the larger exponent of x (e) and f; y = f without a residual.
+   *total and *largest receive this thread's partial sum and largest |y|.
+   Every thread of the block must call it. */
+template <typename T>
+__device__ int vg_scaled_layer_row(int n, int activation, int has_residual, T residual, const T *bias,
+                                   const T *xr, int e, T *hr, T *dr, double *total, double *largest,
+                                   double *scratch)
+{
+    double products_largest = 0, bias_largest = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        products_largest = fmax(products_largest, fabs((double)hr[i]));
+        bias_largest = fmax(bias_largest, fabs((double)bias[i]));
+    }
+    products_largest = vg_block_max(products_largest, scratch);
+    bias_largest = vg_block_max(bias_largest, scratch);
+    int e_h = 0;
+    if (products_largest > 0)
+        e_h = e + vg_frexp_exponent(products_largest);
+    if (bias_largest > 0) {
+        const int k_bias = vg_frexp_exponent(bias_largest);
+        e_h = (products_largest > 0 && e_h > k_bias) ? e_h : k_bias;
+    }
+    const bool tiny = e_h <= -vg_scale_range((T)0);
+    const T zero_value = vg_activation_t(activation, (T)0).value;
+    const int e_f = (tiny && zero_value == (T)0) ? e_h : 0;
+    const int e_y = (has_residual && e > e_f) ? e : e_f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const T h_scaled = vg_ldexp(hr[i], e - e_h) + vg_ldexp(bias[i], -e_h);
+        auto p = tiny ? vg_activation_tiny_t(activation, h_scaled)
+                      : vg_activation_t(activation, vg_ldexp(h_scaled, e_h));
+        if (tiny && zero_value != (T)0)
+            p.value = zero_value;
+        if (dr != nullptr)
+            dr[i] = p.derivative;
+        const T branch = residual * p.value;
+        const T y = has_residual ? vg_ldexp(xr[i], e - e_y) + vg_ldexp(branch, e_f - e_y) : p.value;
+        hr[i] = y;
+        *total += (double)y;
+        *largest = fmax(*largest, fabs((double)y));
+    }
+    return e_y;
+}
+
+/* out[r], exponent[r] <- the reference's scaled_rows(v, 0) for the inputs x_0 of a pass:
+   a row in range is copied as it is with exponent 0, a row below 2^-R is stored scaled. */
+template <typename T>
+__global__ void vg_scale_rows(int rows, int n, const T *v, T *out, int *exponent)
+{
+    __shared__ double scratch[32];
+    const long long row = blockIdx.x;
+    const T *vr = v + row * n;
+    T *outr = out + row * n;
+    double largest = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        outr[i] = vr[i];
+        largest = fmax(largest, fabs((double)vr[i]));
+    }
+    largest = vg_block_max(largest, scratch);
+    const int e = vg_rescale_row(n, outr, 0, largest);
+    if (threadIdx.x == 0)
+        exponent[row] = e;
+}
+
 /* ---- forward pass ------------------------------------------------------ */
 
 /* out[r] = LN(v[r]) = (v[r] - mean) * inv_std and inv_std_out[r]: the pre-norm's
    u = LN(x).  Two passes, as the CPU kernel: the mean in double rounded to T,
-   then the variance of the rounded deviations in double. */
+   then the variance of the rounded deviations in double.  Row r stands for
+   v[r] * 2^exponent[r]; out[r] carries the same exponent, inv_std_out[r] is the true scale. */
 template <typename T>
-__global__ void vg_layer_norm_rows(int rows, int n, const T *v, T *out, T *inv_std_out)
+__global__ void vg_layer_norm_rows(int rows, int n, const T *v, const int *exponent, T *out, T *inv_std_out)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x;
@@ -146,7 +290,7 @@ __global__ void vg_layer_norm_rows(int rows, int n, const T *v, T *out, T *inv_s
     double total = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         total += (double)vr[i];
-    const T inv_std = vg_layer_norm_row(n, total, vr, out + row * n, scratch);
+    const T inv_std = vg_layer_norm_row(n, total, vr, out + row * n, exponent[row], scratch);
     if (threadIdx.x == 0)
         inv_std_out[row] = inv_std;
 }
@@ -154,50 +298,76 @@ __global__ void vg_layer_norm_rows(int rows, int n, const T *v, T *out, T *inv_s
 /* Everything of one layer after its matrix product, in place on h (rows, n):
        h <- phi(h + bias)                          keeping phi'(h + bias) in derivative,
        h <- x + residual * h                       when has_residual,
-       h <- LN(h), inv_std_post[r] = its scale     when norm is post.
-   derivative may be NULL (forward only).  x is the layer's input (for the residual). */
+       h <- LN(h), inv_std_post[r] = its scale     when norm is post,
+       the row check (vg_rescale_row)              out_exponent[r] = the row's exponent.
+   x is the layer's input (for the residual), row r standing for x[r] * 2^x_exponent[r], as
+   do the products in h (u = x or LN(x) has x's exponent).  A row with exponent 0 is computed
+   as it always was (scaled rows: vg_scaled_layer_row).  derivative may be NULL (forward only).
+   out_exponent NULL (the last layer of a forward pass) writes the rows as true values,
+   x' * 2^e, which may underflow: that is their true value. */
 template <typename T>
 __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_residual, T residual,
-                                    int norm, const T *bias, const T *x, T *h, T *derivative,
-                                    T *inv_std_post)
+                                    int norm, const T *bias, const T *x, const int *x_exponent, T *h,
+                                    T *derivative, T *inv_std_post, int *out_exponent)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x;
     T *hr = h + row * n;
     const T *xr = x + row * n;
-    double total = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const auto p = vg_activation_t(activation, hr[i] + bias[i]);
-        if (derivative != nullptr)
-            derivative[row * n + i] = p.derivative;
-        const T y = has_residual ? xr[i] + residual * p.value : p.value;
-        hr[i] = y;
-        total += (double)y;
+    const int e_x = x_exponent[row];
+    int e_y = 0;
+    double total = 0, largest = 0;
+    if (e_x == 0) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const auto p = vg_activation_t(activation, hr[i] + bias[i]);
+            if (derivative != nullptr)
+                derivative[row * n + i] = p.derivative;
+            const T y = has_residual ? xr[i] + residual * p.value : p.value;
+            hr[i] = y;
+            total += (double)y;
+            largest = fmax(largest, fabs((double)y));
+        }
+    } else {
+        e_y = vg_scaled_layer_row(n, activation, has_residual, residual, bias, xr, e_x, hr,
+                                  derivative != nullptr ? derivative + row * n : (T *)nullptr, &total,
+                                  &largest, scratch);
     }
-    if (norm != VG_NORM_POST)
-        return; /* uniform over the block: no thread is left waiting at a barrier */
-    const T inv_std = vg_layer_norm_row(n, total, (const T *)hr, hr, scratch);
-    if (threadIdx.x == 0)
-        inv_std_post[row] = inv_std;
+    if (norm == VG_NORM_POST) { /* uniform over the block: no thread is left waiting at a barrier */
+        const T inv_std = vg_layer_norm_row(n, total, (const T *)hr, hr, e_y, scratch);
+        if (threadIdx.x == 0)
+            inv_std_post[row] = inv_std;
+        largest = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            largest = fmax(largest, fabs((double)hr[i]));
+    }
+    largest = vg_block_max(largest, scratch);
+    const int e_out = vg_rescale_row(n, hr, e_y, largest);
+    if (out_exponent != nullptr) {
+        if (threadIdx.x == 0)
+            out_exponent[row] = e_out;
+    } else if (e_out != 0) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            hr[i] = vg_ldexp(hr[i], e_out);
+    }
 }
 
 /* ---- Jacobian products ------------------------------------------------- */
 
 /* out[r] = J_LN in[r] (+ addend[r]) with J_LN the layer norm's (symmetric) Jacobian of
-   sample r / per_sample, whose normalised vector is normalised[s] and scale inv_std[s];
-   J_LN is the identity when normalised is NULL, and nothing is added when addend is NULL.
-   out may alias in or addend.  Serves the pre-norm of the JVP (t_u = J t) and of the VJP
-   (g_x = J g_u + g for a residual layer). */
+   sample r / per_sample, whose normalised vector is normalised[s] * 2^exponent[s] and scale
+   inv_std[s]; J_LN is the identity when normalised is NULL (exponent may then be NULL), and
+   nothing is added when addend is NULL.  out may alias in or addend.  Serves the pre-norm of
+   the JVP (t_u = J t) and of the VJP (g_x = J g_u + g for a residual layer). */
 template <typename T>
 __global__ void vg_layer_norm_product(int rows, int n, int per_sample, const T *in, const T *normalised,
-                                      const T *inv_std, const T *addend, T *out)
+                                      const int *exponent, const T *inv_std, const T *addend, T *out)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x, sample = row / per_sample;
     const T *inr = in + row * n;
     T *outr = out + row * n;
     if (normalised != nullptr) {
-        vg_layer_norm_product_row(n, inr, normalised + sample * n, inv_std[sample],
+        vg_layer_norm_product_row(n, inr, normalised + sample * n, exponent[sample], inv_std[sample],
                                   addend != nullptr ? addend + row * n : nullptr, outr, scratch);
     } else {
         for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -206,24 +376,26 @@ __global__ void vg_layer_norm_product(int rows, int n, int per_sample, const T *
 }
 
 /* The VJP of one layer up to its matrix product, rows (B * k, n), in place on g:
-       g   <- J_LN g                  when norm is post (out_cache: the layer's output),
+       g   <- J_LN g                  when norm is post (out_cache: the layer's output,
+                                      sample s scaled by 2^out_exponent[s]),
        g_h  = residual * g * phi'     (residual 1 without a residual branch).
    For a gradient profile (per_sample 1, sample_weights not NULL) it also writes the
    operands of the weight-gradient norm: g_weighted = w_b g_h with w_b = exp(s_b - max s)
-   and u_scaled = u / u_scale, u the layer's linear input and u_scale = stats[1]. */
+   (vg_sample_weights: s_b carries the exponent of u_b) and u_scaled = u / u_scale, u the
+   layer's stored linear input and u_scale = stats[1]. */
 template <typename T>
 __global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residual, T residual, int norm,
-                                const T *out_cache, const T *inv_std_post, const T *derivative, T *g,
-                                T *g_h, const double *sample_weights, const double *stats, const T *u,
-                                T *g_weighted, T *u_scaled)
+                                const T *out_cache, const int *out_exponent, const T *inv_std_post,
+                                const T *derivative, T *g, T *g_h, const double *sample_weights,
+                                const double *stats, const T *u, T *g_weighted, T *u_scaled)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x, sample = row / per_sample;
     T *gr = g + row * n;
     const T *dr = derivative + sample * n;
     if (norm == VG_NORM_POST)
-        vg_layer_norm_product_row(n, (const T *)gr, out_cache + sample * n, inv_std_post[sample],
-                                  (const T *)nullptr, gr, scratch);
+        vg_layer_norm_product_row(n, (const T *)gr, out_cache + sample * n, out_exponent[sample],
+                                  inv_std_post[sample], (const T *)nullptr, gr, scratch);
     const T scale = has_residual ? residual : (T)1;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const T value = scale * gr[i] * dr[i];
@@ -237,11 +409,12 @@ __global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residua
 
 /* The JVP of one layer after its matrix product, rows (B * k, n), in place on t:
        t <- t + residual * phi' t_h   (phi' t_h without a residual branch),
-       t <- J_LN t                    when norm is post (out_cache: the layer's output). */
+       t <- J_LN t                    when norm is post (out_cache: the layer's output,
+                                      sample s scaled by 2^out_exponent[s]). */
 template <typename T>
 __global__ void vg_jvp_epilogue(int rows, int n, int per_sample, int has_residual, T residual, int norm,
                                 const T *derivative, const T *t_h, const T *out_cache,
-                                const T *inv_std_post, T *t)
+                                const int *out_exponent, const T *inv_std_post, T *t)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x, sample = row / per_sample;
@@ -251,8 +424,8 @@ __global__ void vg_jvp_epilogue(int rows, int n, int per_sample, int has_residua
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         tr[i] = has_residual ? tr[i] + residual * (dr[i] * hr[i]) : dr[i] * hr[i];
     if (norm == VG_NORM_POST)
-        vg_layer_norm_product_row(n, (const T *)tr, out_cache + sample * n, inv_std_post[sample],
-                                  (const T *)nullptr, tr, scratch);
+        vg_layer_norm_product_row(n, (const T *)tr, out_cache + sample * n, out_exponent[sample],
+                                  inv_std_post[sample], (const T *)nullptr, tr, scratch);
 }
 
 /* ---- gradient profile ---------------------------------------------------- */
@@ -315,23 +488,31 @@ __global__ void vg_renormalise_rows(int rows, int n, T *g, double *log_scale, do
     }
 }
 
-/* One block: the sample weights w_b = exp(s_b - max s) of a layer's weight gradient,
-   stats[0] = max s and stats[1] = u_scale, the largest |entry| of the layer's linear
+/* s_b of sample b's weight-gradient term exp(log_scale_b) g_h,b (u_b 2^e_b): log_scale_b + e_b ln 2,
+   rounded as the reference's log_scale + u_exp * np.log(2.0) (no fused multiply-add). */
+__device__ __forceinline__ double vg_sample_log(double log_scale, int exponent)
+{
+    return log_scale + __dmul_rn((double)exponent, 0.6931471805599453);
+}
+
+/* One block: the sample weights w_b = exp(s_b - max s) of a layer's weight gradient, with
+   s_b = log_scale_b + u_exponent_b ln 2 (the stored linear input u_b stands for u_b 2^e_b),
+   stats[0] = max s and stats[1] = u_scale, the largest |entry| of the layer's stored linear
    input (1 when every row is zero). */
-extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale,
+extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale, const int *u_exponent,
                                              const double *u_squared_norm, double *weights,
                                              double *stats)
 {
     __shared__ double scratch[32];
     double top = vg_negative_infinity(), largest = 0;
     for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-        top = fmax(top, log_scale[b]);
+        top = fmax(top, vg_sample_log(log_scale[b], u_exponent[b]));
         largest = fmax(largest, u_squared_norm[b]);
     }
     top = vg_block_max(top, scratch);
     largest = vg_block_max(largest, scratch);
     for (int b = threadIdx.x; b < batch; b += blockDim.x)
-        weights[b] = exp(log_scale[b] - top);
+        weights[b] = exp(vg_sample_log(log_scale[b], u_exponent[b]) - top);
     if (threadIdx.x == 0) {
         const double u_scale = largest;  /* u_squared_norm holds each row's largest |u| */
         stats[0] = top;

@@ -168,11 +168,11 @@ def test_spectra_match_reference(case, k):
 
     stack, x = case
     k = min(k, stack.width)
-    backend = cuda_module().backend()
     device_stack, device_x = on(cupy, stack), cupy.asarray(x)
-    values = backend.singular_values(device_stack, device_x)
-    exponents = backend.lyapunov_exponents(device_stack, device_x, k)
-    growth = backend.lyapunov_log_growth(device_stack, device_x, k)
+    values = vg.singular_values(device_stack, device_x)
+    exponents = vg.lyapunov_exponents(device_stack, device_x, k)
+    implementation = vg.backends.implementation(device_stack, "auto")  # vgcore.backends.cuda_stack
+    growth = implementation.lyapunov_log_growth(device_stack.bind(device_x), k)
     assert_lives_in(cupy, values, exponents, growth)
     assert values.shape == (x.shape[0], stack.width) and exponents.shape == (x.shape[0], k)
     assert values.dtype == stack.dtype and exponents.dtype == growth.dtype == np.float64
@@ -235,8 +235,7 @@ def test_results_stay_on_the_gpu():
     assert_lives_in(cupy, vg.forward(stack, x), vg.jvp(stack, x, vectors), vg.vjp(stack, x, vectors),
                     vg.jacobian(stack, x), profile.log_grad_norm, profile.log_weight_grad_norm,
                     profile.saturation, profile.dead, profile.grad_norm)
-    backend = cuda_module().backend()
-    assert_lives_in(cupy, backend.singular_values(stack, x), backend.lyapunov_exponents(stack, x, 3))
+    assert_lives_in(cupy, vg.singular_values(stack, x), vg.lyapunov_exponents(stack, x, 3))
 
 
 @requires_cuda
@@ -338,10 +337,11 @@ def test_activation_header_on_the_gpu_matches_numpy_twin(name, dtype):
         np.finfo(dtype).max * np.array([1.0, -1.0]),
     ]).astype(dtype)
     values, derivatives = cupy.array(h), cupy.empty(h.size, dtype)  # computed in place
-    # one row: bias 0, no residual, no norm, so the epilogue leaves phi(h) and phi'(h)
+    # one row in range (exponent 0): bias 0, no residual, no norm, so the epilogue leaves phi(h) and phi'(h)
+    exponents = cupy.zeros(1, np.int32)
     cuda._launch("vg_forward_epilogue", dtype, 1, 256, np.int32(1), np.int32(h.size),
                  np.int32(ACTIVATION_CODES[name]), np.int32(0), np.dtype(dtype).type(0), np.int32(0),
-                 cupy.zeros(h.size, dtype), values, values, derivatives, cuda._NULL)
+                 cupy.zeros(h.size, dtype), values, exponents, values, derivatives, cuda._NULL, exponents)
     value, derivative = host(values), host(derivatives)
     assert not np.isnan(value).any() and not np.isnan(derivative).any()
     expected_value, expected_derivative = activation(name, h.astype(np.float64))
@@ -353,6 +353,120 @@ def test_activation_header_on_the_gpu_matches_numpy_twin(name, dtype):
         limit = ulps * (1e3 if name in ("gelu", "silu", "elu", "selu", "softplus") else 1)
         small = np.abs(want[finite]) < 1e-3
         assert np.all((relative <= limit) | small & (np.abs(got[finite] - want[finite]) <= ulps))
+
+
+# ---------------------------------------------------------------------------
+# Rows below the floats (issue 17, defect 2): the scaled forward pass of vgcore.reference.stack
+# ---------------------------------------------------------------------------
+
+def _assert_every_computation_matches_reference(stack: vg.Stack, x: np.ndarray, k: int = 2) -> None:
+    """forward, gradient profile, JVP, VJP and Lyapunov growth of the device stack against the reference."""
+    import cupy
+
+    device_stack, device_x = on(cupy, stack), cupy.asarray(x)
+    low, high = references(vg.forward, stack, x)
+    assert_matches_reference(host(vg.forward(device_stack, device_x)), high, low, dtype=stack.dtype,
+                             relative_to="max")
+    g = vg._api.default_grad_output(stack, x.shape[0])
+    profile = vg.gradient_profile(device_stack, device_x, cupy.asarray(g)).to_numpy()
+    assert_profile_matches_reference(profile, stack, x, g)
+    vectors = np.random.default_rng(k).standard_normal((x.shape[0], k, stack.width)).astype(stack.dtype)
+    for function in (vg.jvp, vg.vjp):
+        low, high = references(function, stack, x, vectors)
+        result = function(device_stack, device_x, cupy.asarray(vectors))
+        assert_matches_reference(host(result), high, low, dtype=stack.dtype, relative_to="max")
+
+    def log_growth(stack, x, *, backend):
+        return vg.backends.implementation(stack, backend).lyapunov_log_growth(stack.bind(x), k)
+
+    low, high = references(log_growth, stack, x)
+    growth = host(log_growth(device_stack, device_x, backend="auto"))
+    determined = determined_directions(stack, x, k, low, high)
+    assert_matches_reference(growth[determined], high[determined], low[determined], dtype=stack.dtype)
+
+
+@requires_cuda
+def test_stack_whose_activations_fall_below_the_floats_matches_reference():
+    """2000 tanh layers of width 4: the activations fall below 2**-100 after ~500 layers and go on as
+    scaled rows; every log norm stays finite and equals the reference's."""
+    import cupy
+
+    stack = vg.Stack.random(2000, 4, activation="tanh", seed=0)
+    x = vg.random_inputs(stack, 3, seed=1)
+    profile = vg.gradient_profile(on(cupy, stack), cupy.asarray(x)).to_numpy()
+    expected = vg.gradient_profile(stack, x, backend="numpy")
+    assert np.isfinite(expected.log_weight_grad_norm).all()  # the reference carries the scales
+    assert np.isfinite(profile.log_weight_grad_norm).all() and np.isfinite(profile.log_grad_norm).all()
+    np.testing.assert_allclose(profile.log_weight_grad_norm, expected.log_weight_grad_norm, rtol=1e-10)
+    np.testing.assert_allclose(profile.log_grad_norm, expected.log_grad_norm, rtol=1e-10, atol=1e-10)
+    _assert_every_computation_matches_reference(stack, x)
+
+
+@requires_cuda
+def test_relu_stack_scaled_below_the_floats_is_homogeneous():
+    """relu without biases is homogeneous: with weights c W, x_l scales by c**l (1e-12**30 = 1e-360 is
+    below every float) and the gradients follow the closed forms
+        log ||dL/dW_l|| (cW) = log ||dL/dW_l|| (W) + (L - 1) log c,
+        log ||dL/dx_l|| (cW) = log ||dL/dx_l|| (W) + (L - l) log c."""
+    import cupy
+
+    depth, c = 30, 1e-12
+    base = vg.Stack.random(depth, 16, activation="relu", seed=0)
+    x = cupy.asarray(vg.random_inputs(base, 3, seed=1))
+    zero_biases = cupy.zeros((depth, 16))
+    plain = vg.gradient_profile(vg.Stack(cupy.asarray(base.weights), zero_biases, activation="relu"), x)
+    scaled_stack = vg.Stack(cupy.asarray(base.weights * c), zero_biases, activation="relu")
+    scaled = vg.gradient_profile(scaled_stack, x).to_numpy()
+    plain = plain.to_numpy()
+    assert np.isfinite(scaled.log_weight_grad_norm).all() and np.isfinite(scaled.log_grad_norm).all()
+    closed_form = plain.log_weight_grad_norm + (depth - 1) * np.log(c)
+    np.testing.assert_allclose(scaled.log_weight_grad_norm, closed_form, rtol=1e-10)
+    layers = np.arange(depth + 1)
+    np.testing.assert_allclose(scaled.log_grad_norm, plain.log_grad_norm + (depth - layers) * np.log(c),
+                               rtol=1e-10, atol=1e-9)
+    host_stack = vg.Stack(base.weights * c, np.zeros((depth, 16)), activation="relu")
+    expected = vg.gradient_profile(host_stack, host(x), backend="numpy")
+    np.testing.assert_allclose(scaled.log_weight_grad_norm, expected.log_weight_grad_norm, rtol=1e-10)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("activation", "norm", "residual", "sigma_w"), [
+    ("tanh", "pre", None, 1e-3),  # LN of scaled rows: the variance and the Jacobian carry 4**e
+    ("gelu", "post", None, 1e-3),
+    ("leaky_relu", None, None, 0.01),  # phi'(0-) and phi'(0+) by the sign of h
+    ("tanh", "post", 0.5, 1e-3),  # residual sums on the larger exponent
+    ("selu", "pre", None, 1e-3),
+])
+def test_small_weights_below_the_floats_match_reference(activation, norm, residual, sigma_w, dtype):
+    stack = vg.Stack.random(40, 6, activation=activation, norm=norm, residual=residual, sigma_w=sigma_w,
+                            dtype=dtype, seed=3)
+    _assert_every_computation_matches_reference(stack, vg.random_inputs(stack, 3, seed=4))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("activation", "sigma_b", "residual", "norm"), [
+    ("tanh", 0.3, 0.5, None),  # a bias in range: the row meets it and is evaluated as true values
+    ("sigmoid", 0.0, None, None),  # phi(0) != 0 swamps the linearisation: a true row again
+    ("softplus", 0.0, 1.0, None),
+    ("tanh", 0.0, 1.0, None),
+    ("relu", 0.0, None, "post"),
+    ("gelu", 0.2, None, "pre"),
+])
+def test_inputs_below_the_floats_match_reference(activation, sigma_b, residual, norm, dtype):
+    """Rows of x below 2**-SCALE_RANGE go through the input check (vg_scale_rows) first.
+
+    Width 8: at width 5 or 6 a relu post-norm row has a single active unit, whose gradient is 0 in
+    exact arithmetic and rounding noise in any float code (ill-conditioned, not a scaled-row matter).
+    """
+    stack = vg.Stack.random(8, 8, activation=activation, sigma_b=sigma_b, residual=residual, norm=norm,
+                            dtype=dtype, seed=5)
+    x = vg.random_inputs(stack, 4, seed=6)
+    x[1] *= 1e-200 if dtype == np.float64 else 1e-35
+    x[2] = 0
+    x[3] *= 1e-20 if dtype == np.float64 else 1e-12
+    _assert_every_computation_matches_reference(stack, x)
 
 
 # ---------------------------------------------------------------------------

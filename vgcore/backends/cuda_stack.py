@@ -14,7 +14,18 @@ compiled CPU kernels (vgcore._ext._kernels), batched over samples on the device:
 
 So one layer costs a fixed number of launches whatever the batch and the
 number of vectors: 2 or 3 in the forward pass, 2 to 4 more in a JVP or VJP, 7
-to 9 more in the gradient profile's backward pass.
+to 9 more in the gradient profile's backward pass; and one per pass, not per
+layer, for the row check of its inputs (vg_scale_rows).
+
+Rows below the floats (docs/ARCHITECTURE.md; the specification is
+vgcore.reference.stack): every stored row of activations carries an int32
+exponent, its true values being the row times 2**exponent.  A row whose
+largest entry falls below 2**-SCALE_RANGE is stored scaled (exponent < 0) so
+that no forward pass underflows; rows in range have exponent 0 and are
+computed as before.  The exponents live on the device beside the rows
+(``_Caches.exps``, ping-pong pairs in the streaming passes) and are read and
+written by the per-row kernels themselves, so they add no launch per layer
+and no synchronisation with the host.
 
 The kernels are compiled at run time by NVRTC (``cupy.RawModule``, float and
 double instantiations through ``name_expressions``), once per device, and
@@ -51,6 +62,7 @@ KERNEL_FILE = "vg_cuda_kernels.cu"
 KERNEL_HEADERS = ("vg_activations.h", "vg_activation_body.h", "vg_stack.h")
 #: Template kernels, instantiated for float and double.
 TEMPLATE_KERNELS = (
+    "vg_scale_rows",
     "vg_layer_norm_rows",
     "vg_forward_epilogue",
     "vg_layer_norm_product",
@@ -243,43 +255,57 @@ def _device_of(layers: _Layers):
 # One layer
 # ---------------------------------------------------------------------------
 
-def _forward_layer(layers: _Layers, layer: int, x, u_work, target, derivative, inv_pre, inv_post) -> Any:
-    """x (B, n) through layer ``layer`` into target; returns u, the layer's linear input.
+def _forward_layer(layers: _Layers, layer: int, x, x_exp, u_work, target, target_exp, derivative, inv_pre,
+                   inv_post) -> Any:
+    """x (B, n), rows scaled by 2**x_exp (B,) int32, through layer ``layer`` into target; returns u.
 
-    u_work receives LN(x) and inv_pre its scales for a pre-norm; derivative
-    phi'(h) (or NULL); inv_post the post-norm's scales.
+    u is the layer's linear input (x, or LN(x) in u_work), scaled by x_exp as
+    well; target_exp receives the output rows' exponents, or is None for the
+    last layer of a forward pass, whose rows are then written as true values.
+    inv_pre receives the pre-norm's scales; derivative phi'(h) (or None);
+    inv_post the post-norm's scales.
     """
     batch, width, dtype = x.shape[0], layers.width, layers.dtype
     threads = _row_threads(width)
     u = x
     if layers.pre:
-        _launch("vg_layer_norm_rows", dtype, batch, threads, _i32(batch), _i32(width), x, u_work, inv_pre)
+        _launch("vg_layer_norm_rows", dtype, batch, threads, _i32(batch), _i32(width), x, x_exp, u_work,
+                inv_pre)
         u = u_work
     _matmul(u, layers.weights[layer].T, target)
     _launch("vg_forward_epilogue", dtype, batch, threads, _i32(batch), _i32(width), layers.activation,
-            layers.has_residual, layers.residual, _i32(layers.norm), layers.biases[layer], x, target,
-            _NULL if derivative is None else derivative, inv_post if layers.post else _NULL)
+            layers.has_residual, layers.residual, _i32(layers.norm), layers.biases[layer], x, x_exp, target,
+            _NULL if derivative is None else derivative, inv_post if layers.post else _NULL,
+            _NULL if target_exp is None else target_exp)
     return u
 
 
-def _jvp_layer(layers: _Layers, layer: int, per_sample: int, t, u, out, derivative, inv_pre, inv_post,
-               t_u_work, t_h_work) -> None:
+def _scale_inputs(layers: _Layers, x, target, target_exp) -> None:
+    """The row check of the inputs x (B, n) of a pass: target, target_exp = scaled_rows(x, 0)."""
+    batch, width = x.shape[0], layers.width
+    _launch("vg_scale_rows", layers.dtype, batch, _row_threads(width), _i32(batch), _i32(width), x, target,
+            target_exp)
+
+
+def _jvp_layer(layers: _Layers, layer: int, per_sample: int, t, u, u_exp, out, out_exp, derivative, inv_pre,
+               inv_post, t_u_work, t_h_work) -> None:
     """Tangents t (B * k, n) at the layer's input -> at its output, in place.
 
-    u, derivative, out, inv_pre and inv_post are the layer's forward values
-    for the B samples (u: linear input, out: output).
+    u, u_exp, derivative, out, out_exp, inv_pre and inv_post are the layer's
+    forward values for the B samples (u: linear input, out: output, each
+    scaled by 2**its exponent).
     """
     rows, width, dtype = t.shape[0], layers.width, layers.dtype
     threads = _row_threads(width)
     t_u = t
     if layers.pre:
         _launch("vg_layer_norm_product", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
-                t, u, inv_pre, _NULL, t_u_work)
+                t, u, u_exp, inv_pre, _NULL, t_u_work)
         t_u = t_u_work
     _matmul(t_u, layers.weights[layer].T, t_h_work)
     _launch("vg_jvp_epilogue", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
             layers.has_residual, layers.residual, _i32(layers.norm), derivative, t_h_work, out,
-            inv_post if layers.post else _NULL, t)
+            out_exp if layers.post else _NULL, inv_post if layers.post else _NULL, t)
 
 
 def _vjp_layer(layers: _Layers, layer: int, per_sample: int, g, work, g_h, caches: _Caches,
@@ -293,12 +319,13 @@ def _vjp_layer(layers: _Layers, layer: int, per_sample: int, g, work, g_h, cache
     sample_weights, stats, u, g_weighted, u_scaled = weight_operands or (_NULL,) * 5
     _launch("vg_vjp_epilogue", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
             layers.has_residual, layers.residual, _i32(layers.norm), caches.xs[layer + 1],
+            caches.exps[layer + 1] if layers.post else _NULL,
             caches.inv_post[layer] if layers.post else _NULL, caches.derivatives[layer], g, g_h,
             sample_weights, stats, u, g_weighted, u_scaled)
     _matmul(g_h, layers.weights[layer], work)
     if layers.pre or layers.has_residual:
         _launch("vg_layer_norm_product", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
-                work, caches.us[layer] if layers.pre else _NULL,
+                work, caches.us[layer] if layers.pre else _NULL, caches.exps[layer] if layers.pre else _NULL,
                 caches.inv_pre[layer] if layers.pre else _NULL, g if layers.has_residual else _NULL, g)
         return g, work
     return work, g
@@ -311,45 +338,51 @@ def _vjp_layer(layers: _Layers, layer: int, per_sample: int, g, work, g_h, cache
 class _Caches(NamedTuple):
     """What the forward pass keeps for the backward pass."""
 
-    xs: Any  # (L + 1, B, n): x_0 .. x_L
+    xs: Any  # (L + 1, B, n): x_0 .. x_L, row b of x_l scaled by 2**exps[l, b]
+    exps: Any  # (L + 1, B) int32: the rows' exponents (0 but for rows below the floats)
     derivatives: Any  # (L, B, n): phi'(h)
     us: Any  # (L, B, n): LN(x_{l-1}) for a pre-norm, else None (u = x)
     inv_pre: Any  # (L, B) or None
     inv_post: Any  # (L, B) or None
 
     def u(self, layer: int):
-        """The linear input of layer ``layer`` (0-based)."""
+        """The linear input of layer ``layer`` (0-based), scaled by 2**exps[layer]."""
         return self.xs[layer] if self.us is None else self.us[layer]
 
 
 def _forward_with_caches(layers: _Layers, x) -> _Caches:
     depth, width, batch, dtype = layers.depth, layers.width, x.shape[0], layers.dtype
     xs = cupy.empty((depth + 1, batch, width), dtype)
-    xs[0] = x
+    exps = cupy.empty((depth + 1, batch), np.int32)
+    _scale_inputs(layers, x, xs[0], exps[0])
     derivatives = cupy.empty((depth, batch, width), dtype)
     us = cupy.empty((depth, batch, width), dtype) if layers.pre else None
     inv_pre = cupy.empty((depth, batch), dtype) if layers.pre else None
     inv_post = cupy.empty((depth, batch), dtype) if layers.post else None
     for layer in range(depth):
-        _forward_layer(layers, layer, xs[layer], None if us is None else us[layer], xs[layer + 1],
-                       derivatives[layer], None if inv_pre is None else inv_pre[layer],
+        _forward_layer(layers, layer, xs[layer], exps[layer], None if us is None else us[layer],
+                       xs[layer + 1], exps[layer + 1], derivatives[layer],
+                       None if inv_pre is None else inv_pre[layer],
                        None if inv_post is None else inv_post[layer])
-    return _Caches(xs, derivatives, us, inv_pre, inv_post)
+    return _Caches(xs, exps, derivatives, us, inv_pre, inv_post)
 
 
 def _forward(layers: _Layers, x, out):
     depth, dtype = layers.depth, layers.dtype
     batch = x.shape[0]
-    # ping-pong between out and one buffer, arranged so that the last layer writes out
+    # ping-pong between out and one buffer, arranged so that the last layer writes out: layer l
+    # reads buffers[(depth - l) % 2] (the checked inputs for l = 0) and writes the other one; the
+    # last layer writes true values, so its exponents are not kept
     buffers = [cupy.empty_like(x) if out is None else out, cupy.empty_like(x)]
+    exps = cupy.empty((2, batch), np.int32)
     u_work = cupy.empty_like(x) if layers.pre else None
     inv_pre = cupy.empty(batch, dtype) if layers.pre else None
     inv_post = cupy.empty(batch, dtype) if layers.post else None
-    current = x
+    _scale_inputs(layers, x, buffers[depth % 2], exps[depth % 2])
     for layer in range(depth):
-        target = buffers[(depth - 1 - layer) % 2]
-        _forward_layer(layers, layer, current, u_work, target, None, inv_pre, inv_post)
-        current = target
+        source, target = (depth - layer) % 2, (depth - 1 - layer) % 2
+        _forward_layer(layers, layer, buffers[source], exps[source], u_work, buffers[target],
+                       exps[target] if layer < depth - 1 else None, None, inv_pre, inv_post)
     return buffers[0]
 
 
@@ -383,8 +416,8 @@ def _gradient_profile(layers: _Layers, x, grad_output) -> dict:
         if layer == 0:
             break
         index = layer - 1
-        _launch("vg_sample_weights", None, 1, _REDUCTION_THREADS, _i32(batch), log_scale, u_squared_norm,
-                sample_weights, stats)
+        _launch("vg_sample_weights", None, 1, _REDUCTION_THREADS, _i32(batch), log_scale, caches.exps[index],
+                u_squared_norm, sample_weights, stats)
         g, work = _vjp_layer(layers, index, 1, g, work, g_h, caches,
                              (sample_weights, stats, u, g_weighted, u_scaled))
         if use_gram:
@@ -428,12 +461,15 @@ def _jvp(layers: _Layers, x, tangents, out):
     inv_post = cupy.empty(batch, dtype) if layers.post else None
     t_u_work = cupy.empty_like(rows) if layers.pre else None
     t_h_work = cupy.empty_like(rows)
-    current = x
+    exps = cupy.empty((2, batch), np.int32)
+    _scale_inputs(layers, x, buffers[1], exps[1])  # layer l reads buffers[(l + 1) % 2], writes buffers[l % 2]
     for layer in range(depth):
-        target = buffers[layer % 2]
-        u = _forward_layer(layers, layer, current, u_work, target, derivative, inv_pre, inv_post)
-        _jvp_layer(layers, layer, k, rows, u, target, derivative, inv_pre, inv_post, t_u_work, t_h_work)
-        current = target
+        source, target = (layer + 1) % 2, layer % 2
+        x_exp, out, out_exp = exps[source], buffers[target], exps[target]
+        u = _forward_layer(layers, layer, buffers[source], x_exp, u_work, out, out_exp, derivative, inv_pre,
+                           inv_post)
+        _jvp_layer(layers, layer, k, rows, u, x_exp, out, out_exp, derivative, inv_pre, inv_post, t_u_work,
+                   t_h_work)
     return t
 
 
@@ -475,16 +511,19 @@ def _lyapunov_log_growth(layers: _Layers, x, k: int):
     rows_shape = (batch * k, width)
     t_u_work = cupy.empty(rows_shape, dtype) if layers.pre else None
     t_h_work = cupy.empty(rows_shape, dtype)
-    current = x
+    exps = cupy.empty((2, batch), np.int32)
+    _scale_inputs(layers, x, buffers[1], exps[1])  # layer l reads buffers[(l + 1) % 2], writes buffers[l % 2]
     for layer in range(depth):
-        target = buffers[layer % 2]
-        u = _forward_layer(layers, layer, current, u_work, target, derivative, inv_pre, inv_post)
+        source, target = (layer + 1) % 2, layer % 2
+        x_exp, out, out_exp = exps[source], buffers[target], exps[target]
+        u = _forward_layer(layers, layer, buffers[source], x_exp, u_work, out, out_exp, derivative, inv_pre,
+                           inv_post)
         rows = directions.reshape(rows_shape)
-        _jvp_layer(layers, layer, k, rows, u, target, derivative, inv_pre, inv_post, t_u_work, t_h_work)
+        _jvp_layer(layers, layer, k, rows, u, x_exp, out, out_exp, derivative, inv_pre, inv_post, t_u_work,
+                   t_h_work)
         q, r = cupy.linalg.qr(directions.transpose(0, 2, 1))  # (B, n, k), (B, k, k)
         log_growth += cupy.log(cupy.abs(cupy.diagonal(r, axis1=1, axis2=2).astype(np.float64)))
         directions = cupy.ascontiguousarray(q.transpose(0, 2, 1))
-        current = target
     return log_growth
 
 
