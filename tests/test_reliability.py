@@ -263,6 +263,21 @@ def test_defect8_computations_beyond_memory_are_refused_naming_x(monkeypatch):
         vg.singular_values(wide, vg.random_inputs(wide, 100, seed=1))
 
 
+@pytest.mark.parametrize("sigma_w", [1e-100, 1e-143, 1e-150])
+def test_fixed_points_far_below_1e_64_converge_to_the_closed_form(sigma_w):
+    """Campaign finding (2026-11-30): fixed_point / c_map("sigmoid", sigma_w=1e-143) raised SciPy's
+    RuntimeError "Failed to converge after 2000 iterations", and sigma_w=1e-150 gave q* off by 2x.
+    Near q = 0 the map is F(q) = sigma_b^2 + sigma_w^2 (phi(0)^2 + phi'(0)^2 q) + O(q^2), so
+    q* = (sigma_b^2 + sigma_w^2 phi(0)^2) / (1 - sigma_w^2 phi'(0)^2) to relative O(q*)."""
+    np.testing.assert_allclose(theory.fixed_point("sigmoid", sigma_w, 0.0), sigma_w**2 / 4, rtol=1e-12)
+    assert math.isfinite(theory.c_map("sigmoid", 1e-186, sigma_w, 0.0))
+    np.testing.assert_allclose(theory.fixed_point("tanh", 0.5, sigma_w * 1e-6),
+                               (sigma_w * 1e-6) ** 2 / (1 - 0.25), rtol=1e-12)
+    slope = 4 / math.pi  # erf'(0)^2
+    np.testing.assert_allclose(theory.fixed_point("erf", 0.5, sigma_w * 1e-6),
+                               (sigma_w * 1e-6) ** 2 / (1 - 0.25 * slope), rtol=1e-12)
+
+
 def test_defect8_theory_exact_for_tiny_sigma_w():
     # was "math domain error": chi_1 - 1 rounds to -1, so log1p(-1) = -inf
     xi_q, xi_c = theory.depth_scales("leaky_relu", 1e-8, 0)

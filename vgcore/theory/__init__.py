@@ -244,6 +244,8 @@ _Q_MIN = 1e-64
 #: From here on, the decaying remainder of E[phi^2] shrinks like 1 / sqrt(q)
 #: (it lives within |h| < 50), which the divergence test relies on.
 _Q_ASYMPTOTIC = 1e4
+#: The smallest normal double: the log-space search for a tiny q* stops there.
+_SMALLEST_NORMAL = float(np.finfo(float).tiny)
 _SEARCH_FACTOR = 16.0
 
 
@@ -334,10 +336,25 @@ def _find_fixed_point(name: str, var_w: float, var_b: float, lead: float) -> flo
                 break
         if low == 0.0 and at_zero == 0.0:
             return 0.0
-    # maxiter: a fixed point far below the bracket (tiny sigma_w, q* ~ 1e-280 in [0, 1e-64])
-    # takes Brent's method several hundred steps, most of them bisections.
     from scipy import optimize  # on first use: the sweeps' vectorised theory never needs it
 
+    if low == 0.0:
+        # q* below _Q_MIN (tiny sigma_w and sigma_b): SciPy's brentq stalls on absolute values
+        # near 1e-290 (it failed to converge in 2000 steps for sigmoid at sigma_w 1e-143), so the
+        # bracket is searched further down, to the normal floats, and the root found in log q,
+        # where F(q) / q - 1 is of order 1 at every scale.
+        low = high
+        while low > _SMALLEST_NORMAL and excess(low) < 0.0:
+            high, low = low, max(low * 2.0**-64, _SMALLEST_NORMAL)
+        if excess(low) < 0.0:
+            # q* below the normal floats (a subnormal sigma_b**2; phi(0) = 0, else q* >= sigma_w**2
+            # phi(0)**2 is normal): there F(q) = F(0) + sigma_w**2 phi'(0)**2 q to working precision
+            return at_zero / (1.0 - var_w * _moments(name, 0.0).dphi2)
+        if excess(low) == 0.0:
+            return low
+        root = optimize.brentq(lambda u: excess(math.exp(u)) / math.exp(u), math.log(low), math.log(high),
+                               xtol=1e-15, rtol=4.0 * np.finfo(float).eps, maxiter=500)
+        return math.exp(root)
     return optimize.brentq(excess, low, high, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=2000)
 
 
