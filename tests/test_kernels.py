@@ -237,6 +237,10 @@ small = vg.Stack.random(2, 1, seed=0)
 vg.vjp(small, x[:4], np.ones((1, 1)), backend="cpu")  # threads and BLAS buffers in place
 size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
 resource.setrlimit(resource.RLIMIT_AS, (size + 2**31, resource.getrlimit(resource.RLIMIT_AS)[1]))
+# past vg.vjp's own estimate of the memory it needs (which refuses this call naming x): the kernel's
+# malloc is what is under test
+import vgcore._validation
+vgcore._validation.available_memory = lambda: 2**62
 try:
     vg.vjp(stack, x, np.ones((1, 1)), backend="cpu")
 except MemoryError as error:

@@ -278,6 +278,16 @@ def test_fixed_points_far_below_1e_64_converge_to_the_closed_form(sigma_w):
                                (sigma_w * 1e-6) ** 2 / (1 - 0.25 * slope), rtol=1e-12)
 
 
+def test_sweep_rows_outside_theory_range_have_nan_chi_theory():
+    """Campaign finding (2026-11-30): a sweep with sigma_w=1e250 raised theory's "sigma_w: ..." error,
+    which names no argument of sweep; as Stack.chi_theory, theory just does not apply there."""
+    result = sweep({"depth": [1], "width": [2], "sigma_w": [1e250, 1.0]}, batch=3, progress=False,
+                   backend="numpy")
+    frame = result.frame.set_index("sigma_w")
+    assert math.isnan(frame.loc[1e250, "chi_theory"])
+    assert frame.loc[1.0, "chi_theory"] == pytest.approx(theory.chi1("tanh", 1.0, 0.0))
+
+
 def test_defect8_theory_exact_for_tiny_sigma_w():
     # was "math domain error": chi_1 - 1 rounds to -1, so log1p(-1) = -inf
     xi_q, xi_c = theory.depth_scales("leaky_relu", 1e-8, 0)

@@ -784,6 +784,10 @@ def _sigma_w_and_theory(unique: np.ndarray, grid: dict[str, list],
     chi_theory = np.full(len(unique), np.nan)
     activations = np.array([grid["activation"][i] for i in unique[:, 1]], dtype=object)
     sigma_b = np.array([grid["sigma_b"][i] for i in unique[:, 2]], dtype=np.float64)
+    # as Stack.chi_theory: NaN ("theory does not apply") outside the scales theory works with
+    from vgcore.theory import SIGMA_B_MAX, SIGMA_W_RANGE
+
+    applies &= (sigma_w >= SIGMA_W_RANGE[0]) & (sigma_w <= SIGMA_W_RANGE[1]) & (sigma_b <= SIGMA_B_MAX)
     for activation in np.unique(activations[applies]) if applies.any() else []:
         chosen = applies & (activations == activation)
         chi_theory[chosen] = chi1_many(str(activation), sigma_w[chosen], sigma_b[chosen])

@@ -209,45 +209,24 @@ cdef inline int _scale_range(floating kind) noexcept nogil:
         return VG_SCALE_RANGE_F
 
 
-cdef inline void _phi(int kind, floating h, floating *value, floating *derivative) noexcept nogil:
-    """phi(h) and phi'(h) from csrc/vg_activations.h."""
+cdef inline void _phi(int kind, floating h_scaled, int e, floating *value,
+                      floating *derivative) noexcept nogil:
+    """phi at h = h_scaled * 2**e, csrc/vg_activations.h: value (scaled back by 2**-e) and phi'(h).
+
+    e = 0: h itself (vg_activation); e < 0: a row below 2**-R, on phi's
+    linearisation at 0 (vg_activation_tiny: the value is phi'(0+-) h_scaled,
+    phi(0) apart); e > 0: a row beyond 2**R (vg_activation_huge).
+    """
     cdef vg_pair_d pd
     cdef vg_pair_f pf
     if floating is double:
-        pd = vg_activation_d(kind, h)
+        pd = (vg_activation_d(kind, h_scaled) if e == 0 else
+              vg_activation_tiny_d(kind, h_scaled) if e < 0 else vg_activation_huge_d(kind, h_scaled, e))
         value[0] = pd.value
         derivative[0] = pd.derivative
     else:
-        pf = vg_activation_f(kind, h)
-        value[0] = pf.value
-        derivative[0] = pf.derivative
-
-
-cdef inline void _phi_huge(int kind, floating h_scaled, int e, floating *value,
-                           floating *derivative) noexcept nogil:
-    """phi(h) * 2**-e and phi'(h) for h = h_scaled * 2**e beyond 2**R (vg_activation_huge in csrc)."""
-    cdef vg_pair_d pd
-    cdef vg_pair_f pf
-    if floating is double:
-        pd = vg_activation_huge_d(kind, h_scaled, e)
-        value[0] = pd.value
-        derivative[0] = pd.derivative
-    else:
-        pf = vg_activation_huge_f(kind, h_scaled, e)
-        value[0] = pf.value
-        derivative[0] = pf.derivative
-
-
-cdef inline void _phi_tiny(int kind, floating h_scaled, floating *value, floating *derivative) noexcept nogil:
-    """phi'(0+-) by the sign of h and phi'(0+-) * h_scaled (vg_activation_tiny in csrc)."""
-    cdef vg_pair_d pd
-    cdef vg_pair_f pf
-    if floating is double:
-        pd = vg_activation_tiny_d(kind, h_scaled)
-        value[0] = pd.value
-        derivative[0] = pd.derivative
-    else:
-        pf = vg_activation_tiny_f(kind, h_scaled)
+        pf = (vg_activation_f(kind, h_scaled) if e == 0 else
+              vg_activation_tiny_f(kind, h_scaled) if e < 0 else vg_activation_huge_f(kind, h_scaled, e))
         value[0] = pf.value
         derivative[0] = pf.derivative
 
@@ -314,9 +293,9 @@ cdef inline double _scaled_activation_row(int activation, Py_ssize_t n, floating
 
     vgcore.reference.stack.scaled_activation: the products and the bias are
     put on one exponent; a row then in range is evaluated as true values.
-    Below 2**-R phi is its linearisation at 0 (_phi_tiny), plus phi(0), which
+    Below 2**-R phi is its linearisation at 0 (_phi), plus phi(0), which
     when not 0 swamps the rest; beyond 2**R entries up to 2**R are evaluated
-    as they are and larger ones on phi's asymptote (_phi_huge).
+    as they are and larger ones on phi's asymptote (_phi).
     """
     cdef Py_ssize_t i
     cdef double largest = _largest_magnitude(n, h), bias_largest = _largest_magnitude(n, bias)
@@ -334,22 +313,22 @@ cdef inline double _scaled_activation_row(int activation, Py_ssize_t n, floating
         any_term = True
     if not any_term:  # h = 0 and bias = 0
         for i in range(n):
-            _phi(activation, <floating> 0, &h[i], &derivative[i])
+            _phi(activation, <floating> 0, 0, &h[i], &derivative[i])
         return 0
     for i in range(n):
         h[i] = (<floating> ldexp(<double> h[i], <int> exponent - e_h)
                 + <floating> ldexp(<double> bias[i], -e_h))
     if e_h > high:
         for i in range(n):
-            _phi_huge(activation, h[i], e_h, &h[i], &derivative[i])
+            _phi(activation, h[i], e_h, &h[i], &derivative[i])
         return e_h
     if e_h > low:
         for i in range(n):
-            _phi(activation, <floating> ldexp(<double> h[i], e_h), &h[i], &derivative[i])
+            _phi(activation, <floating> ldexp(<double> h[i], e_h), 0, &h[i], &derivative[i])
         return 0
-    _phi(activation, <floating> 0, &zero_value, &zero_derivative)
+    _phi(activation, <floating> 0, 0, &zero_value, &zero_derivative)
     for i in range(n):
-        _phi_tiny(activation, h[i], &value, &derivative[i])
+        _phi(activation, h[i], e_h, &value, &derivative[i])
         h[i] = zero_value if zero_value != 0 else value
     return 0 if zero_value != 0 else e_h
 
