@@ -109,6 +109,25 @@ def test_shared_draw_groups_and_runner_groups_give_the_same_rows():
     assert (batched.vanishing_depth == alone.vanishing_depth).mean() > 0.95
 
 
+def test_configs_whose_activations_leave_the_floats_are_the_stack_kernels_rows():
+    """Issue 17: at depth 700 and sigma_w 0.3 the activations fall below 2**-100 (relu: 0.21**l).
+
+    The shared-draw kernel does not carry scaled rows; it flags such configs and
+    the stack kernels, which do, compute them: the rows equal those of one config
+    at a time (was, for relu at depth 1500 and width 16: chi = 0 and vanishing at
+    layer 1, where h underflowed to 0 and relu'(0) = 0, against the true chi 0.04).
+    """
+    grid = {"depth": 700, "width": 8, "sigma_w": [0.3, 1.0], "activation": ["tanh", "leaky_relu"]}
+    order = ["activation", "sigma_w"]
+    batched = sweep(grid, batch=3, seeds=[1], progress=False).frame.sort_values(order, ignore_index=True)
+    alone = _one_config_at_a_time(grid, [1], 3).sort_values(order, ignore_index=True)
+    for column in ("chi", "depth_scale", "vanishing_depth", "log_global_norm"):
+        np.testing.assert_allclose(batched[column], alone[column], rtol=1e-11)
+    for got, want in zip(batched.log_grad_norm, alone.log_grad_norm, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11)
+    assert np.all(np.isfinite(batched.log_global_norm)) and np.all(batched.chi > 0)
+
+
 def test_frame_is_bitwise_the_same_for_any_threads_and_chunk_size():
     grid = dict(GRID, dtype=["float64", "float32"])
     grid["depth"], grid["activation"] = [2, 5], ["tanh", "silu"]
@@ -155,7 +174,8 @@ def test_kernel_refuses_inconsistent_arrays():
     args = dict(tile_groups=np.zeros(1, np.intp), tiles=np.array([[0, 5]], np.intp),
                 weight_scales=np.ones(1), bias_scales=np.zeros(1), activations=np.zeros(1, np.intc),
                 has_residual=np.zeros(1, np.uint8), residuals=np.zeros(1), norms=np.zeros(1, np.intc),
-                log_grad_norm=np.empty((1, 2, 3)), log_weight_grad_norm=np.empty((1, 2)), n_threads=1)
+                log_grad_norm=np.empty((1, 2, 3)), log_weight_grad_norm=np.empty((1, 2)),
+                left_range=np.zeros(1, np.uint8), n_threads=1)
     with pytest.raises(ValueError, match="tile 0 names config 5"):
         _sweep.shared_profiles([unit], [bias], x, x, *args.values())
     args["tiles"] = np.array([[0, -1]], np.intp)

@@ -521,6 +521,7 @@ def _run_shared(positions: list[int], decoded: _Rows, grid: dict[str, list], bat
         count = len(members)
         log_grad_norm = np.empty((count, batch, depth + 1))
         log_weight_grad_norm = np.empty((count, depth))
+        left_range = np.zeros(count, dtype=np.uint8)
         with blas_held_to_one_thread():
             _sweep.shared_profiles(
                 unit_weights, unit_biases, np.stack(xs), np.stack(gs), np.asarray(tile_groups, np.intp),
@@ -532,12 +533,17 @@ def _run_shared(positions: list[int], decoded: _Rows, grid: dict[str, list], bat
                 np.array([c["residual"] is not None for c in member_configs], dtype=np.uint8),
                 np.array([0.0 if c["residual"] is None else c["residual"] for c in member_configs]),
                 np.array([NORM_CODES[c["norm"]] for c in member_configs], dtype=np.intc),
-                log_grad_norm, log_weight_grad_norm, n_threads(),
+                log_grad_norm, log_weight_grad_norm, left_range, n_threads(),
             )
         means = log_grad_norm.mean(axis=1)
         for local, position in enumerate(members):
             out.mean_log_norm[position] = means[local]
             out.log_weight_grad_norm[position] = log_weight_grad_norm[local]
+        # configs whose activations left [2**-R, 2**R): the stack kernels carry them exactly
+        # (the scaled forward pass, docs/ARCHITECTURE.md 1.4); this kernel does not
+        if left_range.any():
+            _run_models([members[local] for local in np.flatnonzero(left_range)], decoded, grid, batch,
+                        "cpu", out)
 
 
 def _run_models(positions: list[int], decoded: _Rows, grid: dict[str, list], batch: int, backend: str,

@@ -27,7 +27,7 @@ after the parallel region, and shapes are checked before it.
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, exp, log
+from libc.math cimport INFINITY, exp, ldexp, log
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -42,11 +42,13 @@ from vgcore._ext._layers cimport (
     _workspace_allocate,
     _workspace_free,
     _activation_block,
+    _largest_magnitude,
     _layer_norm_product,
     _layer_norm_rows,
     _recompute_pre_norm,
     _rows_times_weight,
     _rows_times_weight_t,
+    _scale_range,
 )
 
 
@@ -189,10 +191,14 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                     const double *weight_scales, const double *bias_scales, const int *activations,
                     const unsigned char *has_residual, const double *residuals, const int *norms,
                     double *log_grad_norm, double *log_weight_grad_norm, floating *buffer,
-                    double *log_scale, double *gradient) noexcept nogil:
+                    double *log_scale, double *gradient, unsigned char *left_range) noexcept nogil:
     """Forward, renormalised backward and weight-gradient norms of one tile of configs.
 
     members (slots,): the tile's config indices, -1 for an unfilled slot.
+    left_range[c] is set where a row of config c's activations leaves
+    [2**-R, 2**R) (zero rows aside): this kernel does not carry the scaled
+    forward pass of the stack kernels (docs/ARCHITECTURE.md §1.4), so the
+    caller recomputes those configs there.
     Workspace layout (R = slots * batch rows): xs (L+1, R, n) layer outputs |
     derivatives (L, R, n) phi'(h), then the cotangents at h | mean_pre,
     inv_pre, inv_post (L, R) | linear inputs (R, n) | scaled cotangents
@@ -222,6 +228,8 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
     cdef const floating *u
     cdef bint any_pre = False
     cdef floating scale, residual_scale
+    cdef double largest
+    cdef double lower = ldexp(1.0, -_scale_range(<floating> 0)), upper = ldexp(1.0, _scale_range(<floating> 0))
 
     # unfilled slots are zero rows: the products map them to zero rows and the epilogue skips them
     memset(linear_in, 0, plane * sizeof(floating))
@@ -275,6 +283,12 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
             if norms[c] == NORM_POST:
                 _layer_norm_rows(batch, n, out + first * n, out + first * n, <floating *> NULL,
                                  inv_post + layer * rows + first, <double *> NULL)
+            if not left_range[c]:
+                for i in range(batch):
+                    largest = _largest_magnitude(n, out + (first + i) * n)
+                    if largest != 0 and not (lower <= largest < upper):
+                        left_range[c] = 1
+                        break
 
     # renormalised backward from the shared cotangent at the output
     for slot in range(slots):
@@ -355,7 +369,7 @@ def shared_profiles(list unit_weights, list unit_biases, const floating[:, :, ::
                     const double[::1] bias_scales, const int[::1] activations,
                     const unsigned char[::1] has_residual, const double[::1] residuals,
                     const int[::1] norms, double[:, :, ::1] log_grad_norm,
-                    double[:, ::1] log_weight_grad_norm, int n_threads):
+                    double[:, ::1] log_weight_grad_norm, unsigned char[::1] left_range, int n_threads):
     """Gradient profiles of C configs in G groups of shared unit variates, in tiles of T configs.
 
     Group g: unit_weights[g] (L, n, n) Z in the configs' dtype, unit_biases[g]
@@ -366,8 +380,10 @@ def shared_profiles(list unit_weights, list unit_biases, const floating[:, :, ::
     bias_scales sigma_b_c (b_l = sigma_b_c z_l, rounded as Stack.random
     rounds it), activations (codes), has_residual, residuals, norms (codes:
     none, pre, post).  Outputs: log_grad_norm (C, B, L+1) and
-    log_weight_grad_norm (C, L) of the configs in tiles.  Threads take whole
-    tiles.
+    log_weight_grad_norm (C, L) of the configs in tiles, and left_range (C,)
+    (zeroed by the caller): 1 where a config's activations left [2**-R, 2**R),
+    whose results the caller must recompute with the stack kernels.  Threads
+    take whole tiles.
 
     Raises
     ------
@@ -400,6 +416,7 @@ def shared_profiles(list unit_weights, list unit_biases, const floating[:, :, ::
             or log_grad_norm.shape[2] != depth + 1 or log_weight_grad_norm.shape[0] != n_configs):
         raise ValueError("shared_profiles: inconsistent shapes")
     for name, per_config in (("bias_scales", bias_scales.shape[0]), ("activations", activations.shape[0]),
+                             ("left_range", left_range.shape[0]),
                              ("has_residual", has_residual.shape[0]), ("residuals", residuals.shape[0]),
                              ("norms", norms.shape[0])):
         if per_config != n_configs:
@@ -448,7 +465,7 @@ def shared_profiles(list unit_weights, list unit_biases, const floating[:, :, ::
                           &x[group, 0, 0], &grad_output[group, 0, 0], &tiles[tile, 0],
                           &weight_scales[0], &bias_scales[0], &activations[0], &has_residual[0],
                           &residuals[0], &norms[0], &log_grad_norm[0, 0, 0],
-                          &log_weight_grad_norm[0, 0], buffer, log_scale, gradient)
+                          &log_weight_grad_norm[0, 0], buffer, log_scale, gradient, &left_range[0])
             _workspace_free(&space)
     finally:
         free(weight_pointers)
