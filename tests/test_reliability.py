@@ -603,3 +603,63 @@ def test_defect3_post_norm_inputs_near_float32_max(backend):
     np.testing.assert_allclose(high.log_grad_norm[:, 0], low.log_grad_norm[:, 0] - shift, rtol=1e-5)
     # layer 1's weight gradient: its input 2**107 times larger, its cotangent at h 2**107 times smaller
     np.testing.assert_allclose(high.log_weight_grad_norm, low.log_weight_grad_norm, rtol=1e-5)
+
+
+
+# --------------------------------------------------------------------------
+# Review findings on the scaled forward pass (2026-11-30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_post_norm_rows_beyond_2_512_are_scaled_before_layer_norm_squares_them(backend):
+    """relu + post-norm at sigma_w 1e160: y ~ 1e160 squared to inf in LN (was: a zero row and every
+    log norm -inf, silently). LN makes the layers' outputs independent of the weights' scale c, so
+    the input's gradient is that of sigma_w 1e10 and each weight gradient is 1e150 times smaller."""
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    huge = vg.Stack.random(3, 8, activation="relu", sigma_w=1e160, norm="post", seed=0)
+    moderate = vg.Stack(huge.weights / 1e150, huge.biases, activation="relu", norm="post")
+    high, low = (vg.gradient_profile(s, x, backend=backend) for s in (huge, moderate))
+    np.testing.assert_allclose(high.log_grad_norm, low.log_grad_norm, rtol=1e-12)
+    np.testing.assert_allclose(high.log_weight_grad_norm, low.log_weight_grad_norm - 150 * math.log(10),
+                               rtol=1e-12)
+    frame = sweep({"depth": 3, "width": 8, "sigma_w": [1e160, 1e10], "activation": "relu", "norm": "post"},
+                  batch=4, progress=False, backend=backend).frame
+    np.testing.assert_allclose(frame.chi[0], frame.chi[1], rtol=1e-12)
+
+
+def test_float32_layer_norm_beyond_the_floats_agrees_across_backends():
+    """The reference's LN of scaled rows works in float64 as the kernels do (its float32 variance
+    overflowed beyond 2**64, and eps 4**-e underflowed to 0: a constant row gave 0 * inf)."""
+    post = vg.Stack.random(3, 8, activation="relu", sigma_w=1e20, norm="post", dtype="float32", seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    cpu, reference = (vg.gradient_profile(post, x, backend=b) for b in BACKENDS)
+    assert np.all(np.isfinite(cpu.log_grad_norm))
+    np.testing.assert_allclose(cpu.log_grad_norm, reference.log_grad_norm, rtol=1e-5)
+    pre = vg.Stack.random(3, 4, activation="relu", norm="pre", residual=1.0, dtype="float32", seed=0)
+    for backend in BACKENDS:
+        at = {scale: vg.gradient_profile(pre, np.full((2, 4), scale, np.float32), backend=backend)
+              for scale in (1e30, 1e36)}  # constant rows: LN gives 0 whatever their scale
+        np.testing.assert_allclose(at[1e36].log_grad_norm, at[1e30].log_grad_norm, rtol=1e-6)
+
+
+def test_exponents_beyond_2_1024_in_a_deep_linear_stack_are_exact():
+    """Width 1, weights 1e300, 300,000 layers: x_l = 1e300**l (exponents to 3e8, beyond any float),
+    and dL/dW_l = g_l x_(l-1) = 1e300**(L-1) for every layer; forward's true value is inf."""
+    depth = 300_000
+    stack = vg.Stack(np.full((depth, 1, 1), 1e300), np.zeros((depth, 1)), activation="linear")
+    x = np.ones((1, 1))
+    profile = vg.gradient_profile(stack, x, np.ones((1, 1)), backend="cpu")
+    # (the log scales add 3e5 float64 terms of 690: their rounding is ~1e-11 of the sum)
+    np.testing.assert_allclose(profile.log_weight_grad_norm, (depth - 1) * math.log(1e300), rtol=1e-10)
+    assert vg.forward(stack, x, backend="cpu")[0, 0] == np.inf
+
+
+@pytest.mark.parametrize("activation,slope", [("gelu", 0.25), ("elu", 1.0), ("silu", 0.25), ("tanh", 1.0)])
+def test_subnormal_fixed_points_use_the_full_slope_at_zero(activation, slope):
+    """Below the normal floats q* = sigma_b^2 / (1 - sigma_w^2 phi'(0)^2) (phi(0) = 0); the review
+    found the activations with a non-zero asymptote slope off by 12-25% (kappa was dropped)."""
+    sigma_w, sigma_b = 0.5, 1e-155
+    np.testing.assert_allclose(theory.fixed_point(activation, sigma_w, sigma_b),
+                               sigma_b**2 / (1 - sigma_w**2 * slope), rtol=1e-10)
+    np.testing.assert_allclose(theory.fixed_point(activation, sigma_w, 1e-150),
+                               1e-300 / (1 - sigma_w**2 * slope), rtol=1e-12)

@@ -109,6 +109,27 @@ cdef inline void _activation_block(int kind, Py_ssize_t rows, Py_ssize_t n, floa
 # Layer norm over the features of one row
 # ---------------------------------------------------------------------------
 
+cdef inline double _row_variance(Py_ssize_t n, const floating *v, floating *mean) noexcept nogil:
+    """The variance of v[0..n) (in double) and its mean (in v's type), as layer norm takes them."""
+    cdef Py_ssize_t i
+    cdef double total = 0, centred, var = 0
+    for i in range(n):
+        total = total + v[i]
+    mean[0] = <floating> (total / n)
+    for i in range(n):
+        centred = <double> (v[i] - mean[0])
+        var = var + centred * centred
+    return var / n
+
+
+cdef inline double _beyond_factor(double var, int e) noexcept nogil:
+    """LN's factor for a row beyond the floats (v * 2**e, e > 0): 1 / sqrt(var + eps 4**-e), so the
+    normalised row is true values; 0 for a constant row (var = 0: the centred row is 0 anyway)."""
+    if var == 0:
+        return 0
+    return 1.0 / sqrt(var + ldexp(LAYER_NORM_EPS, -2 * e))
+
+
 cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating *v, floating *out,
                                   floating *mean_out, floating *inv_std_out,
                                   const double *exps) noexcept nogil:
@@ -118,31 +139,22 @@ cdef inline void _layer_norm_rows(Py_ssize_t rows, Py_ssize_t n, const floating 
     (_scale_rows): its variance is var * 4**e.  Below the floats (e < 0)
     out[r] keeps the exponent; beyond them (e > 0) out[r] = (v - mean) /
     sqrt(var + eps 4**-e), true values (exponent 0).  inv_std is always the
-    true one (vgcore.reference.stack.layer_norm).
+    true one, 1 / sqrt(var 4**e + eps), computed in double (for e > 0 as 2**-e
+    times the factor, subnormal or 0 only where it is that small) (vgcore.reference.stack.layer_norm).
     """
     cdef Py_ssize_t r, i
-    cdef double total, centred, var, eps
-    cdef int above
+    cdef double var
+    cdef int e
     cdef floating mean, inv_std, factor
     for r in range(rows):
-        total = 0
-        for i in range(n):
-            total = total + v[r * n + i]
-        mean = <floating> (total / n)
-        var = 0
-        for i in range(n):
-            centred = <double> (v[r * n + i] - mean)
-            var = var + centred * centred
-        var = var / n
-        eps = LAYER_NORM_EPS
-        above = 0
-        if exps != NULL and exps[r] < 0:
-            var = ldexp(var, 2 * <int> exps[r])
-        elif exps != NULL and exps[r] > 0:
-            above = <int> exps[r]
-            eps = ldexp(eps, -2 * above)
-        factor = <floating> (1.0 / sqrt(var + eps))
-        inv_std = factor if above == 0 else <floating> ldexp(<double> factor, -above)
+        var = _row_variance(n, v + r * n, &mean)
+        e = 0 if exps == NULL else <int> exps[r]
+        if e <= 0:
+            inv_std = <floating> (1.0 / sqrt(ldexp(var, 2 * e) + LAYER_NORM_EPS))
+            factor = inv_std
+        else:  # the true inv_std is 2**-e times the factor (a constant row: 1 / sqrt(eps))
+            factor = <floating> _beyond_factor(var, e)
+            inv_std = <floating> (ldexp(_beyond_factor(var, e), -e) if var > 0 else 1.0 / sqrt(LAYER_NORM_EPS))
         for i in range(n):
             out[r * n + i] = (v[r * n + i] - mean) * factor
         if mean_out != NULL:
@@ -185,14 +197,15 @@ cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floati
     """u = LN(x) from the stored statistics, bit for bit as in the forward pass.
 
     exps (rows,) (NULL: all 0): the exponents of x's rows; beyond the floats
-    (e > 0) the stored inv_std is the true one, 2**-e times the factor LN applied.
+    (e > 0) the factor LN applied is not the stored (true) inv_std, and is
+    recomputed from the row as the forward pass computed it.
     """
     cdef Py_ssize_t r, i
-    cdef floating factor
+    cdef floating factor, row_mean
     for r in range(rows):
         factor = inv_std[r]
         if exps != NULL and exps[r] > 0:
-            factor = <floating> ldexp(<double> inv_std[r], <int> exps[r])
+            factor = <floating> _beyond_factor(_row_variance(n, x + r * n, &row_mean), <int> exps[r])
         for i in range(n):
             u[r * n + i] = (x[r * n + i] - mean[r]) * factor
 
@@ -200,6 +213,10 @@ cdef inline void _recompute_pre_norm(Py_ssize_t rows, Py_ssize_t n, const floati
 # ---------------------------------------------------------------------------
 # One layer: forward, VJP, JVP on a block of rows
 # ---------------------------------------------------------------------------
+
+cdef enum:
+    SCALE_EXPONENT_LIMIT = 1 << 29  # |exponent| of a scaled row at most (log norms to +-3.7e8)
+
 
 cdef inline int _scale_range(floating kind) noexcept nogil:
     """R of the scaled forward pass: rows below 2**-R are kept scaled (VG_SCALE_RANGE_D / _F)."""
@@ -267,6 +284,9 @@ cdef inline void _scale_rows(Py_ssize_t rows, Py_ssize_t n, floating *v, double 
             continue
         frexp(largest, &k)
         top = <int> exps[r] + k
+        # saturate: beyond 2**(+-2**29) every true value is 0 or inf, and 2 e must stay an int
+        top = SCALE_EXPONENT_LIMIT if top > SCALE_EXPONENT_LIMIT else top
+        top = -SCALE_EXPONENT_LIMIT if top < -SCALE_EXPONENT_LIMIT else top
         if -high < top <= high:
             if exps[r] != 0:
                 for i in range(n):
@@ -390,6 +410,12 @@ cdef inline void _forward_layer(Py_ssize_t rows, Py_ssize_t n, int activation, b
                                                              e_f - top))
                     out_exp[r] = top
     if norm == NORM_POST:
+        # a row beyond the floats gets its exponent before LN squares it (squares of 2**512 are inf)
+        _scale_rows(rows, n, out, out_exp)
+        scaled = False
+        for r in range(rows):
+            if out_exp[r] != 0:
+                scaled = True
         _layer_norm_rows(rows, n, out, out, <floating *> NULL, inv_post, out_exp if scaled else <double *> NULL)
         if scaled:
             for r in range(rows):

@@ -185,6 +185,18 @@ cdef Py_ssize_t _tile_values(Py_ssize_t depth, Py_ssize_t n, Py_ssize_t batch,
     return (2 * depth + 1) * rows * n + 3 * depth * rows + 4 * rows * n + 3 * batch * n + n
 
 
+cdef inline bint _leaves_range(Py_ssize_t batch, Py_ssize_t n, const floating *rows, double lower,
+                               double upper) noexcept nogil:
+    """Whether a row of rows (batch, n) has its largest |entry| outside [lower, upper) (zero rows aside)."""
+    cdef Py_ssize_t i
+    cdef double largest
+    for i in range(batch):
+        largest = _largest_magnitude(n, rows + i * n)
+        if largest != 0 and not (lower <= largest < upper):
+            return True
+    return False
+
+
 cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                     Py_ssize_t batch, const floating *unit_weights, const double *unit_biases,
                     const floating *x, const floating *grad_output, const Py_ssize_t *members,
@@ -228,7 +240,6 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
     cdef const floating *u
     cdef bint any_pre = False
     cdef floating scale, residual_scale
-    cdef double largest
     cdef double lower = ldexp(1.0, -_scale_range(<floating> 0)), upper = ldexp(1.0, _scale_range(<floating> 0))
 
     # unfilled slots are zero rows: the products map them to zero rows and the epilogue skips them
@@ -281,14 +292,13 @@ cdef void _run_tile(Py_ssize_t slots, Py_ssize_t depth, Py_ssize_t n,
                 for i in range(first * n, (first + batch) * n):
                     out[i] = x_in[i] + residual_scale * out[i]
             if norms[c] == NORM_POST:
+                # before LN too: LN squares a row beyond the floats to inf (and gives a zero row)
+                if not left_range[c] and _leaves_range(batch, n, out + first * n, lower, upper):
+                    left_range[c] = 1
                 _layer_norm_rows(batch, n, out + first * n, out + first * n, <floating *> NULL,
                                  inv_post + layer * rows + first, <double *> NULL)
-            if not left_range[c]:
-                for i in range(batch):
-                    largest = _largest_magnitude(n, out + (first + i) * n)
-                    if largest != 0 and not (lower <= largest < upper):
-                        left_range[c] = 1
-                        break
+            if not left_range[c] and _leaves_range(batch, n, out + first * n, lower, upper):
+                left_range[c] = 1
 
     # renormalised backward from the shared cotangent at the output
     for slot in range(slots):

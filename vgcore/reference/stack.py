@@ -38,17 +38,25 @@ def layer_norm(v: np.ndarray, exponent: np.ndarray | None = None) -> tuple[np.nd
     true one (beyond 2**126 in float32 it is subnormal and loses bits).
     """
     centred = v - v.mean(axis=-1, keepdims=True)
-    variance = (centred * centred).mean(axis=-1, keepdims=True)
     if exponent is None:
+        variance = (centred * centred).mean(axis=-1, keepdims=True)
         inv_std = 1.0 / np.sqrt(variance + LAYER_NORM_EPS)
         return (centred * inv_std).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
-    e = exponent[:, None]
-    below = np.minimum(e, 0).astype(np.int32)
-    above = np.maximum(e, 0).astype(np.int32)
-    eps = np.ldexp(np.asarray(LAYER_NORM_EPS, v.dtype), -2 * above)
-    inv_scaled = (1.0 / np.sqrt(np.ldexp(variance, 2 * below) + eps)).astype(v.dtype, copy=False)
-    inv_std = np.ldexp(inv_scaled, -above).astype(v.dtype, copy=False)
-    return (centred * inv_scaled).astype(v.dtype, copy=False), inv_std
+    # scaled rows: the variance and the factors in float64 (as the compiled kernels), so that
+    # neither 4**e var nor eps 4**-e leaves float32
+    wide = centred.astype(np.float64)
+    variance = (wide * wide).mean(axis=-1, keepdims=True)
+    e = exponent[:, None].astype(np.int64)
+    above = np.maximum(e, 0)
+    with np.errstate(over="ignore", divide="ignore"):
+        # e > 0: the factor 1 / sqrt(var + eps 4**-e) (0 for a constant row, whose centred row is 0)
+        # and the true inv_std 2**-e times it (a constant row: 1 / sqrt(eps))
+        beyond = np.where(variance > 0, 1.0 / np.sqrt(variance + np.ldexp(LAYER_NORM_EPS, -2 * above)), 0.0)
+        constant = 1.0 / np.sqrt(LAYER_NORM_EPS)
+        inv_std = np.where(e > 0, np.where(variance > 0, np.ldexp(beyond, -above), constant),
+                           1.0 / np.sqrt(np.ldexp(variance, 2 * np.minimum(e, 0)) + LAYER_NORM_EPS))
+    factor = np.where(e > 0, beyond.astype(v.dtype), inv_std.astype(v.dtype))
+    return (centred * factor).astype(v.dtype, copy=False), inv_std.astype(v.dtype, copy=False)
 
 
 def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: np.ndarray,
@@ -73,6 +81,10 @@ def layer_norm_jacobian_product(g: np.ndarray, normalised: np.ndarray, inv_std: 
 # computed as they always were.
 
 
+#: |exponent| of a scaled row at most (SCALE_EXPONENT_LIMIT in vgcore/_ext/_layers.pxd).
+SCALE_EXPONENT_LIMIT = 2**29
+
+
 def scaled_rows(v: np.ndarray, exponent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``v * 2**exponent`` (B, n) re-expressed: ``(v', e')`` with e' = 0 where the row is in range.
 
@@ -83,7 +95,8 @@ def scaled_rows(v: np.ndarray, exponent: np.ndarray) -> tuple[np.ndarray, np.nda
     high = SCALE_RANGE[v.dtype.name]
     largest = np.max(np.abs(v), axis=-1)
     _, k = np.frexp(largest)
-    top = exponent + k
+    # saturated as the kernels do: beyond 2**(+-2**29) every true value is 0 or inf
+    top = np.clip(exponent + k, -SCALE_EXPONENT_LIMIT, SCALE_EXPONENT_LIMIT)
     zero = largest == 0
     in_range = ((top > -high) & (top <= high)) | zero
     shift = np.where(in_range, exponent, -k)  # in range: back to true values; else max into [0.5, 1)
@@ -223,6 +236,7 @@ def layer_forward(weight, bias, x, activation_name, residual, norm,
         y, e_y = f, e_f
     out = y
     if norm == "post":
+        y, e_y = scaled_rows(y, e_y)  # a row beyond the floats gets its exponent before LN squares it
         out, inv_std_post = layer_norm(y, e_y)
         e_y = np.minimum(e_y, 0)
     out, out_exp = scaled_rows(out.astype(x.dtype, copy=False), e_y)

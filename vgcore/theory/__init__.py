@@ -349,12 +349,16 @@ def _find_fixed_point(name: str, var_w: float, var_b: float, lead: float) -> flo
         if excess(low) < 0.0:
             # q* below the normal floats (a subnormal sigma_b**2; phi(0) = 0, else q* >= sigma_w**2
             # phi(0)**2 is normal): there F(q) = F(0) + sigma_w**2 phi'(0)**2 q to working precision
-            return at_zero / (1.0 - var_w * _moments(name, 0.0).dphi2)
+            return at_zero / (1.0 - var_w * (_kappa(name) + _moments(name, 0.0).dphi2))
         if excess(low) == 0.0:
             return low
-        root = optimize.brentq(lambda u: excess(math.exp(u)) / math.exp(u), math.log(low), math.log(high),
-                               xtol=1e-15, rtol=4.0 * np.finfo(float).eps, maxiter=500)
-        return math.exp(root)
+        root = math.exp(optimize.brentq(lambda u: excess(math.exp(u)) / math.exp(u), math.log(low),
+                                        math.log(high), xtol=1e-15, rtol=4.0 * np.finfo(float).eps,
+                                        maxiter=500))
+        # one Newton step on q: the log-space root is good to |log q| eps (~1e-13 at q ~ 1e-300)
+        slope = var_w * (_kappa(name) + _moments(name, root).slope) - 1.0  # d excess / dq
+        polished = root - excess(root) / slope if slope < 0.0 else root
+        return polished if abs(excess(polished)) <= abs(excess(root)) else root
     return optimize.brentq(excess, low, high, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=2000)
 
 
