@@ -21,14 +21,17 @@
  * index b.  Element offsets are computed in long long: B * k * n may exceed
  * 2^31 (a Jacobian of 512 samples of width 2048).
  *
- * Scaled rows (docs/ARCHITECTURE.md, "Rows below the floats"; the specification is
- * vgcore/reference/stack.py: scaled_rows, scaled_activation, add_scaled, layer_norm,
- * layer_norm_jacobian_product).  Every stored row of activations r carries an int
- * exponent e_r <= 0 (int32 arrays beside the rows): its true values are row * 2^e_r.
- * A row whose largest |entry| * 2^e is below 2^-VG_SCALE_RANGE is stored scaled to a
- * largest |entry| in [0.5, 1); a row in range has e = 0 and is computed exactly as it
- * was before exponents existed.  The exponent of a row is uniform over its block, so
- * every branch on it is too (the block barriers inside are safe).
+ * Scaled rows (docs/ARCHITECTURE.md, "Rows beyond the floats"; the specification is
+ * vgcore/reference/stack.py: scaled_rows, scaled_activation, activation_huge, add_scaled,
+ * layer_norm, layer_norm_jacobian_product, layer_forward).  Every stored row of
+ * activations r carries an int exponent e_r (int32 arrays beside the rows): its true
+ * values are row * 2^e_r.  A row whose largest |entry| * 2^e lies outside
+ * [2^-VG_SCALE_RANGE, 2^VG_SCALE_RANGE) is stored scaled to a largest |entry| in
+ * [0.5, 1) (e < 0 below the floats, e > 0 beyond them); a row in range has e = 0 and is
+ * computed exactly as it was before exponents existed.  LN of a row beyond the floats
+ * gives true values (exponent 0) and the true inv_std, so the pre-norm's u = LN(x) has
+ * exponent min(e_x, 0).  The exponent of a row is uniform over its block, so every
+ * branch on it is too (the block barriers inside are safe).
  */
 #include "vg_activations.h"
 #include "vg_stack.h"
@@ -46,12 +49,22 @@ __device__ __forceinline__ vg_pair_f vg_activation_tiny_t(int kind, float h_scal
 {
     return vg_activation_tiny_f(kind, h_scaled);
 }
+/* phi at h = h_scaled * 2^e_h beyond the floats (e_h > R), scaled back: (phi(h) 2^-e_h, phi'(h));
+   entries up to 2^R as they are, larger ones on phi's asymptote (the shared header) */
+__device__ __forceinline__ vg_pair_d vg_activation_huge_t(int kind, double h_scaled, int e_h)
+{
+    return vg_activation_huge_d(kind, h_scaled, e_h);
+}
+__device__ __forceinline__ vg_pair_f vg_activation_huge_t(int kind, float h_scaled, int e_h)
+{
+    return vg_activation_huge_f(kind, h_scaled, e_h);
+}
 
-/* R of the scaled rows: a row is below the floats when its largest |entry| is below 2^-R. */
+/* R of the scaled rows: a row is in range when its largest |entry| lies in [2^-R, 2^R). */
 __device__ __forceinline__ int vg_scale_range(double) { return VG_SCALE_RANGE_D; }
 __device__ __forceinline__ int vg_scale_range(float) { return VG_SCALE_RANGE_F; }
 
-/* v * 2^e in v's own type (one rounding, only where the result is subnormal). */
+/* v * 2^e in v's own type (exact but where the result is subnormal or overflows). */
 __device__ __forceinline__ double vg_ldexp(double v, int e) { return ldexp(v, e); }
 __device__ __forceinline__ float vg_ldexp(float v, int e) { return ldexpf(v, e); }
 
@@ -63,6 +76,19 @@ __device__ __forceinline__ int vg_frexp_exponent(double v)
     if (v != 0)
         frexp(v, &k);
     return k;
+}
+
+/* phi at h = h_scaled * 2^e_h of a scaled row: beyond the floats (huge: e_h > R), below them
+   (tiny: e_h <= -R, the linearisation at 0, value phi' h_scaled), else the true values. */
+template <typename T>
+__device__ __forceinline__ auto vg_scaled_activation_t(int kind, T h_scaled, int e_h, bool huge, bool tiny)
+    -> decltype(vg_activation_t(kind, h_scaled))
+{
+    if (huge)
+        return vg_activation_huge_t(kind, h_scaled, e_h);
+    if (tiny)
+        return vg_activation_tiny_t(kind, h_scaled);
+    return vg_activation_t(kind, vg_ldexp(h_scaled, e_h));
 }
 
 /* -inf without <math.h> (NVRTC has no system headers). */
@@ -122,8 +148,10 @@ __device__ __forceinline__ double vg_block_max(double value, double *scratch)
    sum of v; returns inv_std.  Two passes, as the CPU kernel: the mean in double rounded
    to T, then the variance of the rounded deviations in double.  out may alias v.
    The row is scaled by 2^exponent (reference layer_norm(v, exponent)): its true variance
-   is the stored one times 4^exponent, inv_std is the true one, and out carries the same
-   exponent as v.  Every thread of the block must call it. */
+   is the stored one times 4^exponent.  Below the floats (exponent < 0) out carries the
+   same exponent as v; beyond them (exponent > 0) out = (v - mean) / sqrt(var + eps 4^-e),
+   true values (exponent 0).  The returned inv_std is always the true one (beyond 2^126 in
+   float it is subnormal and loses bits).  Every thread of the block must call it. */
 template <typename T>
 __device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const T *v, T *out, int exponent,
                                                double *scratch)
@@ -135,19 +163,23 @@ __device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const 
         var += centred * centred;
     }
     double variance = vg_block_sum(var, scratch) / n;
-    if (exponent != 0)
+    double eps = VG_LAYER_NORM_EPS;
+    if (exponent < 0)
         variance = ldexp(variance, 2 * exponent);
-    const T inv_std = (T)(1.0 / sqrt(variance + VG_LAYER_NORM_EPS));
+    else if (exponent > 0)
+        eps = ldexp(eps, -2 * exponent);
+    const T factor = (T)(1.0 / sqrt(variance + eps));
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-        out[i] = (v[i] - mean) * inv_std;
-    return inv_std;
+        out[i] = (v[i] - mean) * factor;
+    return exponent > 0 ? (T)ldexp((double)factor, -exponent) : factor;
 }
 
 /* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
    Returns (mean(g), mean(xhat g)) in double, for the calling thread's share of the row.
    xhat is stored scaled by 2^exponent (reference layer_norm_jacobian_product): the
    returned mean(xhat g) is that of the stored xhat times 4^exponent, ready to multiply
-   the stored xhat again. */
+   the stored xhat again.  A positive exponent (that of an LN input beyond the floats,
+   whose normalised row is true values) counts as 0. */
 template <typename T>
 __device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T *xhat, int exponent,
                                                     double *scratch, double *g_mean, double *gx_mean)
@@ -159,13 +191,13 @@ __device__ __forceinline__ void vg_layer_norm_means(int n, const T *gr, const T 
     }
     *g_mean = vg_block_sum(g_total, scratch) / n;
     *gx_mean = vg_block_sum(gx_total, scratch) / n;
-    if (exponent != 0)
+    if (exponent < 0)
         *gx_mean = ldexp(*gx_mean, 2 * exponent);
 }
 
 /* out <- J_LN in (+ addend) over the calling block's row, J_LN the layer norm's (symmetric)
-   Jacobian at the normalised vector xhat * 2^exponent with scale inv_std:
-   inv_std (in - mean(in) - xhat 4^exponent mean(xhat in)).  out may alias in or addend;
+   Jacobian at the normalised vector xhat * 2^min(exponent, 0) with scale inv_std:
+   inv_std (in - mean(in) - xhat 4^min(exponent, 0) mean(xhat in)).  out may alias in or addend;
    addend may be NULL.  Every thread of the block must call it. */
 template <typename T>
 __device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, const T *xhat, int exponent,
@@ -183,16 +215,17 @@ __device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, co
 
 /* The reference's scaled_rows for the calling block's row v, standing for v * 2^e, in place;
    largest is max_i |v_i| (block-reduced: the same on every thread).  A zero row, or one whose
-   largest entry is at least 2^-R in true value (e + k > -R with largest = m 2^k, m in
+   largest entry lies in [2^-R, 2^R) in true value (-R < e + k <= R with largest = m 2^k, m in
    [0.5, 1)), is written as its true values (left as it is when e is 0) and gets exponent 0;
-   a smaller one is scaled by 2^-k to a largest entry in [0.5, 1) and gets exponent e + k.
+   any other is scaled by 2^-k to a largest entry in [0.5, 1) and gets exponent e + k.
    Returns the new exponent.  Each thread rescales its own entries (i = threadIdx.x + j blockDim.x)
    and nothing else, so no barrier is needed after a loop of the same stride wrote them. */
 template <typename T>
 __device__ __forceinline__ int vg_rescale_row(int n, T *v, int e, double largest)
 {
     const int k = vg_frexp_exponent(largest);
-    const bool in_range = largest == 0 || e + k > -vg_scale_range((T)0);
+    const int range = vg_scale_range((T)0);
+    const bool in_range = largest == 0 || (e + k > -range && e + k <= range);
     const int shift = in_range ? e : -k;
     if (shift != 0)
         for (int i = threadIdx.x; i < n; i += blockDim.x)
@@ -200,54 +233,63 @@ __device__ __forceinline__ int vg_rescale_row(int n, T *v, int e, double largest
     return in_range ? 0 : e + k;
 }
 
-/* The layer's activation and residual branch for a scaled row (e != 0), in place on hr:
-   on entry hr holds the products hs = u W^T of the linear input u, whose true values are
-   hs * 2^e; on return hr holds y, whose true values are y * 2^(returned exponent), and
-   dr (if not NULL) phi'(h).  The reference's scaled_activation then add_scaled:
-     - h = hs 2^e + bias is put on one exponent e_h, the larger of e + k(max |hs|) and
-       k(max |bias|) (k: frexp's exponent; e_h = 0 when both parts are zero, h = 0):
-       h_scaled = hs 2^(e - e_h) + bias 2^-e_h;
-     - e_h > -R: h is in range, phi is evaluated on the true values h_scaled 2^e_h and f has
-       exponent 0;
+/* The layer's activation and residual branch for a scaled row (e_u or e_x != 0), in place on
+   hr: on entry hr holds the products hs = u W^T of the linear input u, whose true values are
+   hs * 2^e_u; on return hr holds y, whose true values are y * 2^(returned exponent), and
+   dr (if not NULL) phi'(h).  e_x is the exponent of the layer's input x (the residual's
+   addend): e_u = e_x but for a pre-norm row beyond the floats, whose u = LN(x) is true values
+   (e_u = 0).  The reference's scaled_activation then add_scaled:
+     - e_u = 0: h = hs + bias and f = phi(h), exponent 0, as for a row in range;
+     - else h = hs 2^e_u + bias is put on one exponent e_h, the larger of e_u + k(max |hs|)
+       and k(max |bias|) (k: frexp's exponent; e_h = 0 when both parts are zero, h = 0):
+       h_scaled = hs 2^(e_u - e_h) + bias 2^-e_h;
+     - e_h > R: beyond the floats, f = phi(h) 2^-e_h with exponent e_h (vg_activation_huge:
+       entries up to 2^R as they are, larger ones on phi's asymptote), phi' the true one;
+     - -R < e_h <= R: h is in range, phi is evaluated on the true values h_scaled 2^e_h and f
+       has exponent 0;
      - e_h <= -R: every |h| < 2^-R and phi is its linearisation at 0 (vg_activation_tiny:
        phi'(0+) or phi'(0-) by the sign, value phi' h_scaled); f = phi(0) with exponent 0 when
        phi(0) != 0 (it swamps the rest), else f = phi' h_scaled with exponent e_h;
-     - y = x + residual f added on the larger exponent of x (e) and f; y = f without a residual.
+     - y = x + residual f added on the larger exponent of x (e_x) and f; y = f without a residual.
    *total and *largest receive this thread's partial sum and largest |y|.
    Every thread of the block must call it. */
 template <typename T>
 __device__ int vg_scaled_layer_row(int n, int activation, int has_residual, T residual, const T *bias,
-                                   const T *xr, int e, T *hr, T *dr, double *total, double *largest,
-                                   double *scratch)
+                                   const T *xr, int e_x, int e_u, T *hr, T *dr, double *total,
+                                   double *largest, double *scratch)
 {
-    double products_largest = 0, bias_largest = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        products_largest = fmax(products_largest, fabs((double)hr[i]));
-        bias_largest = fmax(bias_largest, fabs((double)bias[i]));
-    }
-    products_largest = vg_block_max(products_largest, scratch);
-    bias_largest = vg_block_max(bias_largest, scratch);
     int e_h = 0;
-    if (products_largest > 0)
-        e_h = e + vg_frexp_exponent(products_largest);
-    if (bias_largest > 0) {
-        const int k_bias = vg_frexp_exponent(bias_largest);
-        e_h = (products_largest > 0 && e_h > k_bias) ? e_h : k_bias;
+    if (e_u != 0) { /* uniform over the block: every thread reaches the reductions */
+        double products_largest = 0, bias_largest = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            products_largest = fmax(products_largest, fabs((double)hr[i]));
+            bias_largest = fmax(bias_largest, fabs((double)bias[i]));
+        }
+        products_largest = vg_block_max(products_largest, scratch);
+        bias_largest = vg_block_max(bias_largest, scratch);
+        if (products_largest > 0)
+            e_h = e_u + vg_frexp_exponent(products_largest);
+        if (bias_largest > 0) {
+            const int k_bias = vg_frexp_exponent(bias_largest);
+            e_h = (products_largest > 0 && e_h > k_bias) ? e_h : k_bias;
+        }
     }
-    const bool tiny = e_h <= -vg_scale_range((T)0);
+    const int range = vg_scale_range((T)0);
+    const bool huge = e_u != 0 && e_h > range;
+    const bool tiny = e_u != 0 && e_h <= -range;
     const T zero_value = vg_activation_t(activation, (T)0).value;
-    const int e_f = (tiny && zero_value == (T)0) ? e_h : 0;
-    const int e_y = (has_residual && e > e_f) ? e : e_f;
+    const int e_f = huge ? e_h : ((tiny && zero_value == (T)0) ? e_h : 0);
+    const int e_y = (has_residual && e_x > e_f) ? e_x : e_f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const T h_scaled = vg_ldexp(hr[i], e - e_h) + vg_ldexp(bias[i], -e_h);
-        auto p = tiny ? vg_activation_tiny_t(activation, h_scaled)
-                      : vg_activation_t(activation, vg_ldexp(h_scaled, e_h));
+        const T h_scaled = e_u == 0 ? hr[i] : vg_ldexp(hr[i], e_u - e_h) + vg_ldexp(bias[i], -e_h);
+        auto p = e_u == 0 ? vg_activation_t(activation, hr[i] + bias[i])
+                          : vg_scaled_activation_t(activation, h_scaled, e_h, huge, tiny);
         if (tiny && zero_value != (T)0)
             p.value = zero_value;
         if (dr != nullptr)
             dr[i] = p.derivative;
         const T branch = residual * p.value;
-        const T y = has_residual ? vg_ldexp(xr[i], e - e_y) + vg_ldexp(branch, e_f - e_y) : p.value;
+        const T y = has_residual ? vg_ldexp(xr[i], e_x - e_y) + vg_ldexp(branch, e_f - e_y) : p.value;
         hr[i] = y;
         *total += (double)y;
         *largest = fmax(*largest, fabs((double)y));
@@ -256,7 +298,8 @@ __device__ int vg_scaled_layer_row(int n, int activation, int has_residual, T re
 }
 
 /* out[r], exponent[r] <- the reference's scaled_rows(v, 0) for the inputs x_0 of a pass:
-   a row in range is copied as it is with exponent 0, a row below 2^-R is stored scaled. */
+   a row in range is copied as it is with exponent 0, a row below 2^-R or from 2^R on (float
+   inputs near 3e38, say) is stored scaled. */
 template <typename T>
 __global__ void vg_scale_rows(int rows, int n, const T *v, T *out, int *exponent)
 {
@@ -280,7 +323,8 @@ __global__ void vg_scale_rows(int rows, int n, const T *v, T *out, int *exponent
 /* out[r] = LN(v[r]) = (v[r] - mean) * inv_std and inv_std_out[r]: the pre-norm's
    u = LN(x).  Two passes, as the CPU kernel: the mean in double rounded to T,
    then the variance of the rounded deviations in double.  Row r stands for
-   v[r] * 2^exponent[r]; out[r] carries the same exponent, inv_std_out[r] is the true scale. */
+   v[r] * 2^exponent[r]; out[r] carries the exponent min(exponent[r], 0) (true values for a
+   row beyond the floats: vg_layer_norm_row), inv_std_out[r] is the true scale. */
 template <typename T>
 __global__ void vg_layer_norm_rows(int rows, int n, const T *v, const int *exponent, T *out, T *inv_std_out)
 {
@@ -301,10 +345,12 @@ __global__ void vg_layer_norm_rows(int rows, int n, const T *v, const int *expon
        h <- LN(h), inv_std_post[r] = its scale     when norm is post,
        the row check (vg_rescale_row)              out_exponent[r] = the row's exponent.
    x is the layer's input (for the residual), row r standing for x[r] * 2^x_exponent[r], as
-   do the products in h (u = x or LN(x) has x's exponent).  A row with exponent 0 is computed
-   as it always was (scaled rows: vg_scaled_layer_row).  derivative may be NULL (forward only).
+   do the products in h (u = x, or LN(x), which has x's exponent below the floats and is true
+   values beyond them: exponent min(e_x, 0)).  A row with exponent 0 is computed as it always
+   was (scaled rows: vg_scaled_layer_row).  The post-norm of a row beyond the floats gives
+   true values (exponent 0) before the row check.  derivative may be NULL (forward only).
    out_exponent NULL (the last layer of a forward pass) writes the rows as true values,
-   x' * 2^e, which may underflow: that is their true value. */
+   x' * 2^e, which may under- or overflow (to +-inf): that is their true value. */
 template <typename T>
 __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_residual, T residual,
                                     int norm, const T *bias, const T *x, const int *x_exponent, T *h,
@@ -315,6 +361,7 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
     T *hr = h + row * n;
     const T *xr = x + row * n;
     const int e_x = x_exponent[row];
+    const int e_u = (norm == VG_NORM_PRE && e_x > 0) ? 0 : e_x;
     int e_y = 0;
     double total = 0, largest = 0;
     if (e_x == 0) {
@@ -328,7 +375,7 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
             largest = fmax(largest, fabs((double)y));
         }
     } else {
-        e_y = vg_scaled_layer_row(n, activation, has_residual, residual, bias, xr, e_x, hr,
+        e_y = vg_scaled_layer_row(n, activation, has_residual, residual, bias, xr, e_x, e_u, hr,
                                   derivative != nullptr ? derivative + row * n : (T *)nullptr, &total,
                                   &largest, scratch);
     }
@@ -336,6 +383,8 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
         const T inv_std = vg_layer_norm_row(n, total, (const T *)hr, hr, e_y, scratch);
         if (threadIdx.x == 0)
             inv_std_post[row] = inv_std;
+        if (e_y > 0) /* LN of a row beyond the floats: true values */
+            e_y = 0;
         largest = 0;
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             largest = fmax(largest, fabs((double)hr[i]));
@@ -354,8 +403,8 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
 /* ---- Jacobian products ------------------------------------------------- */
 
 /* out[r] = J_LN in[r] (+ addend[r]) with J_LN the layer norm's (symmetric) Jacobian of
-   sample r / per_sample, whose normalised vector is normalised[s] * 2^exponent[s] and scale
-   inv_std[s]; J_LN is the identity when normalised is NULL (exponent may then be NULL), and
+   sample r / per_sample, whose normalised vector is normalised[s] * 2^min(exponent[s], 0) and
+   scale inv_std[s]; J_LN is the identity when normalised is NULL (exponent may then be NULL), and
    nothing is added when addend is NULL.  out may alias in or addend.  Serves the pre-norm of
    the JVP (t_u = J t) and of the VJP (g_x = J g_u + g for a residual layer). */
 template <typename T>
@@ -375,19 +424,70 @@ __global__ void vg_layer_norm_product(int rows, int n, int per_sample, const T *
     }
 }
 
+/* The last block of a vg_vjp_epilogue launch for a gradient profile rescales G_w, the weighted
+   cotangents at h, when its largest entry lies outside [2^-40, 2^40): the Gram product
+   G_w G_w^T (cuBLAS, in T) would under- or overflow (float cotangents at h below 2^-63
+   squared to 0), as would U_s^T G_w below the floats.  Each block has written its row of
+   g_weighted = w_b g_h and passes its largest |entry| (largest, this thread's share) in
+   row_largest; the block that arrives last (arrivals counts them; it is reset for the next
+   launch) takes the largest over the rows and, when it is out of that range, rewrites every
+   row as (w_b g_h) 2^shift with a largest entry in [0.5, 1), from g_h and the weights in
+   double.  stats[2] = -shift, which vg_weight_gradient_log_norm adds back (times ln 2); 0
+   in the usual case, where nothing is rewritten.  The row maxima and g_h of other blocks are
+   read through volatile (not L1-cached) loads after the fence that orders their writes.
+   Every thread of the block must call it (once, at the end of the kernel). */
+template <typename T>
+__device__ void vg_rescale_weighted_cotangents(int rows, int n, const T *g_h, const double *sample_weights,
+                                               double largest, double *row_largest, unsigned int *arrivals,
+                                               T *g_weighted, double *stats, double *scratch)
+{
+    __shared__ bool last;
+    largest = vg_block_max(largest, scratch);
+    if (threadIdx.x == 0) {
+        row_largest[blockIdx.x] = largest;
+        __threadfence();
+        last = atomicAdd(arrivals, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) /* uniform over the block */
+        return;
+    __threadfence();
+    const volatile double *maxima = row_largest;
+    double top = 0;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+        top = fmax(top, maxima[r]);
+    top = vg_block_max(top, scratch);
+    /* 2^-40 and 2^40, as the CPU kernels' _log_norm_of_outer_sum */
+    const bool in_range = top == 0 || (top >= 9.094947017729282e-13 && top < 1099511627776.0);
+    const int shift = in_range ? 0 : -vg_frexp_exponent(top);
+    if (shift != 0) {
+        const volatile T *cotangents = g_h;
+        const long long count = (long long)rows * n;
+        for (long long j = threadIdx.x; j < count; j += blockDim.x)
+            g_weighted[j] = (T)ldexp(sample_weights[j / n] * (double)cotangents[j], shift);
+    }
+    if (threadIdx.x == 0) {
+        stats[2] = (double)-shift;
+        *arrivals = 0u;
+    }
+}
+
 /* The VJP of one layer up to its matrix product, rows (B * k, n), in place on g:
        g   <- J_LN g                  when norm is post (out_cache: the layer's output,
                                       sample s scaled by 2^out_exponent[s]),
        g_h  = residual * g * phi'     (residual 1 without a residual branch).
    For a gradient profile (per_sample 1, sample_weights not NULL) it also writes the
    operands of the weight-gradient norm: g_weighted = w_b g_h with w_b = exp(s_b - max s)
-   (vg_sample_weights: s_b carries the exponent of u_b) and u_scaled = u / u_scale, u the
+   (vg_sample_weights: s_b carries the exponent of u_b), rescaled by a power of two 2^-stats[2]
+   when its squares would leave the floats (vg_rescale_weighted_cotangents, with row_largest
+   (B,) and arrivals (one counter, 0 between launches)), and u_scaled = u / u_scale, u the
    layer's stored linear input and u_scale = stats[1]. */
 template <typename T>
 __global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residual, T residual, int norm,
                                 const T *out_cache, const int *out_exponent, const T *inv_std_post,
                                 const T *derivative, T *g, T *g_h, const double *sample_weights,
-                                const double *stats, const T *u, T *g_weighted, T *u_scaled)
+                                double *stats, const T *u, T *g_weighted, T *u_scaled,
+                                double *row_largest, unsigned int *arrivals)
 {
     __shared__ double scratch[32];
     const long long row = blockIdx.x, sample = row / per_sample;
@@ -397,14 +497,20 @@ __global__ void vg_vjp_epilogue(int rows, int n, int per_sample, int has_residua
         vg_layer_norm_product_row(n, (const T *)gr, out_cache + sample * n, out_exponent[sample],
                                   inv_std_post[sample], (const T *)nullptr, gr, scratch);
     const T scale = has_residual ? residual : (T)1;
+    double weighted_largest = 0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const T value = scale * gr[i] * dr[i];
         g_h[row * n + i] = value;
         if (sample_weights != nullptr) {
-            g_weighted[row * n + i] = (T)(sample_weights[sample] * value);
+            const double weighted = sample_weights[sample] * value;
+            g_weighted[row * n + i] = (T)weighted;
             u_scaled[row * n + i] = (T)(u[sample * n + i] / stats[1]);
+            weighted_largest = fmax(weighted_largest, fabs(weighted));
         }
     }
+    if (sample_weights != nullptr)
+        vg_rescale_weighted_cotangents(rows, n, (const T *)g_h, sample_weights, weighted_largest, row_largest,
+                                       arrivals, g_weighted, stats, scratch);
 }
 
 /* The JVP of one layer after its matrix product, rows (B * k, n), in place on t:
@@ -495,24 +601,34 @@ __device__ __forceinline__ double vg_sample_log(double log_scale, int exponent)
     return log_scale + __dmul_rn((double)exponent, 0.6931471805599453);
 }
 
+/* The exponent of the linear input u_b of a layer whose input x_b has exponent x_exponent:
+   LN(x) of a row beyond the floats is true values (reference layer_forward: min(e, 0)). */
+__device__ __forceinline__ int vg_linear_input_exponent(int pre_norm, int x_exponent)
+{
+    return (pre_norm && x_exponent > 0) ? 0 : x_exponent;
+}
+
 /* One block: the sample weights w_b = exp(s_b - max s) of a layer's weight gradient, with
-   s_b = log_scale_b + u_exponent_b ln 2 (the stored linear input u_b stands for u_b 2^e_b),
+   s_b = log_scale_b + e_b ln 2 (the stored linear input u_b stands for u_b 2^e_b;
+   e_b = vg_linear_input_exponent(pre_norm, x_exponent_b), x the layer's input),
    stats[0] = max s and stats[1] = u_scale, the largest |entry| of the layer's stored linear
    input (1 when every row is zero). */
-extern "C" __global__ void vg_sample_weights(int batch, const double *log_scale, const int *u_exponent,
-                                             const double *u_squared_norm, double *weights,
-                                             double *stats)
+extern "C" __global__ void vg_sample_weights(int batch, int pre_norm, const double *log_scale,
+                                             const int *x_exponent, const double *u_squared_norm,
+                                             double *weights, double *stats)
 {
     __shared__ double scratch[32];
     double top = vg_negative_infinity(), largest = 0;
     for (int b = threadIdx.x; b < batch; b += blockDim.x) {
-        top = fmax(top, vg_sample_log(log_scale[b], u_exponent[b]));
+        top = fmax(top, vg_sample_log(log_scale[b], vg_linear_input_exponent(pre_norm, x_exponent[b])));
         largest = fmax(largest, u_squared_norm[b]);
     }
     top = vg_block_max(top, scratch);
     largest = vg_block_max(largest, scratch);
-    for (int b = threadIdx.x; b < batch; b += blockDim.x)
-        weights[b] = exp(vg_sample_log(log_scale[b], u_exponent[b]) - top);
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+        const int exponent = vg_linear_input_exponent(pre_norm, x_exponent[b]);
+        weights[b] = exp(vg_sample_log(log_scale[b], exponent) - top);
+    }
     if (threadIdx.x == 0) {
         const double u_scale = largest;  /* u_squared_norm holds each row's largest |u| */
         stats[0] = top;
@@ -534,9 +650,10 @@ __global__ void vg_dot_partials(long long count, const T *a, const T *b, double 
         partials[blockIdx.x] = total;
 }
 
-/* One block: *out = log ||dL/dW|| = stats[0] + log(stats[1]) + log(sum of partials) / 2,
-   -inf for a zero gradient.  The partials hold ||G_w^T U_s||_F^2 with G_w the weighted
-   cotangents at h and U_s the scaled linear inputs (vgcore.backends.cuda_stack). */
+/* One block: *out = log ||dL/dW|| = stats[0] + log(stats[1]) + stats[2] ln 2 + log(sum of
+   partials) / 2, -inf for a zero gradient.  The partials hold ||G_w^T U_s||_F^2 with G_w the
+   weighted cotangents at h, scaled by 2^-stats[2] (vg_rescale_weighted_cotangents; 0 as a
+   rule), and U_s the scaled linear inputs (vgcore.backends.cuda_stack). */
 extern "C" __global__ void vg_weight_gradient_log_norm(int count, const double *partials,
                                                        const double *stats, double *out)
 {
@@ -546,5 +663,7 @@ extern "C" __global__ void vg_weight_gradient_log_norm(int count, const double *
         total += partials[i];
     total = vg_block_sum(total, scratch);
     if (threadIdx.x == 0)
-        *out = total > 0 ? stats[0] + log(stats[1]) + 0.5 * log(total) : vg_negative_infinity();
+        *out = total > 0
+                   ? stats[0] + log(stats[1]) + __dmul_rn(stats[2], 0.6931471805599453) + 0.5 * log(total)
+                   : vg_negative_infinity();
 }

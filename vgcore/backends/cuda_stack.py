@@ -17,12 +17,16 @@ number of vectors: 2 or 3 in the forward pass, 2 to 4 more in a JVP or VJP, 7
 to 9 more in the gradient profile's backward pass; and one per pass, not per
 layer, for the row check of its inputs (vg_scale_rows).
 
-Rows below the floats (docs/ARCHITECTURE.md; the specification is
+Rows beyond the floats (docs/ARCHITECTURE.md; the specification is
 vgcore.reference.stack): every stored row of activations carries an int32
 exponent, its true values being the row times 2**exponent.  A row whose
-largest entry falls below 2**-SCALE_RANGE is stored scaled (exponent < 0) so
-that no forward pass underflows; rows in range have exponent 0 and are
-computed as before.  The exponents live on the device beside the rows
+largest entry falls outside [2**-SCALE_RANGE, 2**SCALE_RANGE) is stored scaled
+(exponent < 0 below, > 0 beyond) so that no forward pass under- or overflows;
+rows in range have exponent 0 and are computed as before.  LN of a row beyond
+the floats gives true values (the pre-norm's u has exponent min(e, 0)), and
+the weight-gradient norm rescales the weighted cotangents at h by a power of
+two when their squares would leave the floats (in the last block of the VJP
+epilogue, so no launch is added).  The exponents live on the device beside the rows
 (``_Caches.exps``, ping-pong pairs in the streaming passes) and are read and
 written by the per-row kernels themselves, so they add no launch per layer
 and no synchronisation with the host.
@@ -260,8 +264,9 @@ def _forward_layer(layers: _Layers, layer: int, x, x_exp, u_work, target, target
     """x (B, n), rows scaled by 2**x_exp (B,) int32, through layer ``layer`` into target; returns u.
 
     u is the layer's linear input (x, or LN(x) in u_work), scaled by x_exp as
-    well; target_exp receives the output rows' exponents, or is None for the
-    last layer of a forward pass, whose rows are then written as true values.
+    well (by min(x_exp, 0) for LN(x): beyond the floats it is true values);
+    target_exp receives the output rows' exponents, or is None for the last
+    layer of a forward pass, whose rows are then written as true values.
     inv_pre receives the pre-norm's scales; derivative phi'(h) (or None);
     inv_post the post-norm's scales.
     """
@@ -293,7 +298,8 @@ def _jvp_layer(layers: _Layers, layer: int, per_sample: int, t, u, u_exp, out, o
 
     u, u_exp, derivative, out, out_exp, inv_pre and inv_post are the layer's
     forward values for the B samples (u: linear input, out: output, each
-    scaled by 2**its exponent).
+    scaled by 2**its exponent; u_exp is the layer input's, which for LN(x)
+    counts as 0 where positive).
     """
     rows, width, dtype = t.shape[0], layers.width, layers.dtype
     threads = _row_threads(width)
@@ -312,16 +318,17 @@ def _vjp_layer(layers: _Layers, layer: int, per_sample: int, g, work, g_h, cache
                weight_operands=None) -> tuple[Any, Any]:
     """Cotangents g (B * k, n) at the layer's output -> at its input; returns (g, work) swapped or not.
 
-    weight_operands, for a gradient profile: (sample_weights, stats, u, g_weighted, u_scaled).
+    weight_operands, for a gradient profile: (sample_weights, stats, u, g_weighted, u_scaled,
+    row_largest, arrivals); see vg_vjp_epilogue.
     """
     rows, width, dtype = g.shape[0], layers.width, layers.dtype
     threads = _row_threads(width)
-    sample_weights, stats, u, g_weighted, u_scaled = weight_operands or (_NULL,) * 5
+    sample_weights, stats, u, g_weighted, u_scaled, row_largest, arrivals = weight_operands or (_NULL,) * 7
     _launch("vg_vjp_epilogue", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
             layers.has_residual, layers.residual, _i32(layers.norm), caches.xs[layer + 1],
             caches.exps[layer + 1] if layers.post else _NULL,
             caches.inv_post[layer] if layers.post else _NULL, caches.derivatives[layer], g, g_h,
-            sample_weights, stats, u, g_weighted, u_scaled)
+            sample_weights, stats, u, g_weighted, u_scaled, row_largest, arrivals)
     _matmul(g_h, layers.weights[layer], work)
     if layers.pre or layers.has_residual:
         _launch("vg_layer_norm_product", dtype, rows, threads, _i32(rows), _i32(width), _i32(per_sample),
@@ -339,14 +346,14 @@ class _Caches(NamedTuple):
     """What the forward pass keeps for the backward pass."""
 
     xs: Any  # (L + 1, B, n): x_0 .. x_L, row b of x_l scaled by 2**exps[l, b]
-    exps: Any  # (L + 1, B) int32: the rows' exponents (0 but for rows below the floats)
+    exps: Any  # (L + 1, B) int32: the rows' exponents (0 but for rows beyond the floats)
     derivatives: Any  # (L, B, n): phi'(h)
     us: Any  # (L, B, n): LN(x_{l-1}) for a pre-norm, else None (u = x)
     inv_pre: Any  # (L, B) or None
     inv_post: Any  # (L, B) or None
 
     def u(self, layer: int):
-        """The linear input of layer ``layer`` (0-based), scaled by 2**exps[layer]."""
+        """The linear input of layer ``layer`` (0-based), scaled by 2**exps[layer] (2**min(exps, 0): LN)."""
         return self.xs[layer] if self.us is None else self.us[layer]
 
 
@@ -397,7 +404,9 @@ def _gradient_profile(layers: _Layers, x, grad_output) -> dict:
     log_weight_grad_norm = cupy.empty(depth, np.float64)
     u_squared_norm = cupy.empty(batch, np.float64)
     sample_weights = cupy.empty(batch, np.float64)
-    stats = cupy.empty(2, np.float64)
+    stats = cupy.zeros(3, np.float64)  # max s, u_scale, log2 of the cotangents' rescaling
+    row_largest = cupy.empty(batch, np.float64)
+    arrivals = cupy.zeros(1, np.uint32)  # blocks of a vg_vjp_epilogue launch done; its last block resets it
     # ||G_w^T U_s||_F^2: from the two (B, B) Gram matrices when B < n (as the CPU kernels), else
     # from the (n, n) gradient itself
     use_gram = batch < width
@@ -416,10 +425,10 @@ def _gradient_profile(layers: _Layers, x, grad_output) -> dict:
         if layer == 0:
             break
         index = layer - 1
-        _launch("vg_sample_weights", None, 1, _REDUCTION_THREADS, _i32(batch), log_scale, caches.exps[index],
-                u_squared_norm, sample_weights, stats)
+        _launch("vg_sample_weights", None, 1, _REDUCTION_THREADS, _i32(batch), _i32(layers.pre), log_scale,
+                caches.exps[index], u_squared_norm, sample_weights, stats)
         g, work = _vjp_layer(layers, index, 1, g, work, g_h, caches,
-                             (sample_weights, stats, u, g_weighted, u_scaled))
+                             (sample_weights, stats, u, g_weighted, u_scaled, row_largest, arrivals))
         if use_gram:
             _matmul(g_weighted, g_weighted.T, product)
             _matmul(u_scaled, u_scaled.T, other)
