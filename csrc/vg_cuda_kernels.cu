@@ -60,6 +60,10 @@ __device__ __forceinline__ vg_pair_f vg_activation_huge_t(int kind, float h_scal
     return vg_activation_huge_f(kind, h_scaled, e_h);
 }
 
+/* |exponent| of a scaled row at most (SCALE_EXPONENT_LIMIT of vgcore/reference/stack.py; log norms to
+   +-3.7e8): 2 e stays an int. */
+#define VG_SCALE_EXPONENT_LIMIT (1 << 29)
+
 /* R of the scaled rows: a row is in range when its largest |entry| lies in [2^-R, 2^R). */
 __device__ __forceinline__ int vg_scale_range(double) { return VG_SCALE_RANGE_D; }
 __device__ __forceinline__ int vg_scale_range(float) { return VG_SCALE_RANGE_F; }
@@ -144,14 +148,25 @@ __device__ __forceinline__ double vg_block_max(double value, double *scratch)
 
 /* ---- layer norm of one row (one block per row) -------------------------- */
 
+/* LN's factor for a row beyond the floats (v * 2^e, e > 0): 1 / sqrt(var + eps 4^-e) in double, so
+   the normalised row is true values; 0 for a constant row (var = 0: its centred row is 0 anyway). */
+__device__ __forceinline__ double vg_beyond_factor(double variance, int exponent)
+{
+    if (variance == 0)
+        return 0;
+    return 1.0 / sqrt(variance + ldexp(VG_LAYER_NORM_EPS, -2 * exponent));
+}
+
 /* out <- (v - mean) * inv_std over the calling block's row, given each thread's partial
    sum of v; returns inv_std.  Two passes, as the CPU kernel: the mean in double rounded
    to T, then the variance of the rounded deviations in double.  out may alias v.
    The row is scaled by 2^exponent (reference layer_norm(v, exponent)): its true variance
    is the stored one times 4^exponent.  Below the floats (exponent < 0) out carries the
    same exponent as v; beyond them (exponent > 0) out = (v - mean) / sqrt(var + eps 4^-e),
-   true values (exponent 0).  The returned inv_std is always the true one (beyond 2^126 in
-   float it is subnormal and loses bits).  Every thread of the block must call it. */
+   true values (exponent 0; a constant row gives 0).  The returned inv_std is always the true
+   one, 1 / sqrt(var 4^e + eps), computed in double (for e > 0 as 2^-e times the factor, 1 / sqrt(eps)
+   for a constant row; beyond 2^126 in float it is subnormal and loses bits).
+   Every thread of the block must call it. */
 template <typename T>
 __device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const T *v, T *out, int exponent,
                                                double *scratch)
@@ -162,16 +177,19 @@ __device__ __forceinline__ T vg_layer_norm_row(int n, double partial_sum, const 
         const double centred = (double)(v[i] - mean);
         var += centred * centred;
     }
-    double variance = vg_block_sum(var, scratch) / n;
-    double eps = VG_LAYER_NORM_EPS;
-    if (exponent < 0)
-        variance = ldexp(variance, 2 * exponent);
-    else if (exponent > 0)
-        eps = ldexp(eps, -2 * exponent);
-    const T factor = (T)(1.0 / sqrt(variance + eps));
+    const double variance = vg_block_sum(var, scratch) / n;
+    T factor, inv_std;
+    if (exponent <= 0) {
+        inv_std = (T)(1.0 / sqrt(ldexp(variance, 2 * exponent) + VG_LAYER_NORM_EPS));
+        factor = inv_std;
+    } else { /* the true inv_std is 2^-e times the factor (a constant row: 1 / sqrt(eps)) */
+        const double beyond = vg_beyond_factor(variance, exponent);
+        factor = (T)beyond;
+        inv_std = (T)(variance > 0 ? ldexp(beyond, -exponent) : 1.0 / sqrt(VG_LAYER_NORM_EPS));
+    }
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[i] = (v[i] - mean) * factor;
-    return exponent > 0 ? (T)ldexp((double)factor, -exponent) : factor;
+    return inv_std;
 }
 
 /* Row sums of LN's Jacobian product: J g = inv_std (g - mean(g) - xhat mean(xhat g)).
@@ -218,19 +236,26 @@ __device__ __forceinline__ void vg_layer_norm_product_row(int n, const T *in, co
    largest entry lies in [2^-R, 2^R) in true value (-R < e + k <= R with largest = m 2^k, m in
    [0.5, 1)), is written as its true values (left as it is when e is 0) and gets exponent 0;
    any other is scaled by 2^-k to a largest entry in [0.5, 1) and gets exponent e + k.
-   Returns the new exponent.  Each thread rescales its own entries (i = threadIdx.x + j blockDim.x)
+   The new exponent saturates at +-VG_SCALE_EXPONENT_LIMIT (the reference's SCALE_EXPONENT_LIMIT).
+   Returns the new exponent (*shifted, if given: whether the row's entries were rescaled).  Each thread rescales its own entries (i = threadIdx.x + j blockDim.x)
    and nothing else, so no barrier is needed after a loop of the same stride wrote them. */
 template <typename T>
-__device__ __forceinline__ int vg_rescale_row(int n, T *v, int e, double largest)
+__device__ __forceinline__ int vg_rescale_row(int n, T *v, int e, double largest, bool *shifted = nullptr)
 {
     const int k = vg_frexp_exponent(largest);
     const int range = vg_scale_range((T)0);
-    const bool in_range = largest == 0 || (e + k > -range && e + k <= range);
+    /* saturate: beyond 2^(+-2^29) every true value is 0 or inf, and 2 e must stay an int */
+    int top = e + k;
+    top = top > VG_SCALE_EXPONENT_LIMIT ? VG_SCALE_EXPONENT_LIMIT : top;
+    top = top < -VG_SCALE_EXPONENT_LIMIT ? -VG_SCALE_EXPONENT_LIMIT : top;
+    const bool in_range = largest == 0 || (top > -range && top <= range);
     const int shift = in_range ? e : -k;
     if (shift != 0)
         for (int i = threadIdx.x; i < n; i += blockDim.x)
             v[i] = vg_ldexp(v[i], shift);
-    return in_range ? 0 : e + k;
+    if (shifted != nullptr)
+        *shifted = shift != 0;
+    return in_range ? 0 : top;
 }
 
 /* The layer's activation and residual branch for a scaled row (e_u or e_x != 0), in place on
@@ -342,13 +367,15 @@ __global__ void vg_layer_norm_rows(int rows, int n, const T *v, const int *expon
 /* Everything of one layer after its matrix product, in place on h (rows, n):
        h <- phi(h + bias)                          keeping phi'(h + bias) in derivative,
        h <- x + residual * h                       when has_residual,
-       h <- LN(h), inv_std_post[r] = its scale     when norm is post,
+       the row check, then h <- LN(h),             when norm is post,
+         inv_std_post[r] = its scale
        the row check (vg_rescale_row)              out_exponent[r] = the row's exponent.
    x is the layer's input (for the residual), row r standing for x[r] * 2^x_exponent[r], as
    do the products in h (u = x, or LN(x), which has x's exponent below the floats and is true
    values beyond them: exponent min(e_x, 0)).  A row with exponent 0 is computed as it always
-   was (scaled rows: vg_scaled_layer_row).  The post-norm of a row beyond the floats gives
-   true values (exponent 0) before the row check.  derivative may be NULL (forward only).
+   was (scaled rows: vg_scaled_layer_row).  The post-norm's row y gets the row check before
+   LN, so LN never squares entries beyond 2^512 (relu at sigma_w 1e160 in float64); LN of a
+   row beyond the floats gives true values (exponent 0) before the final row check.  derivative may be NULL (forward only).
    out_exponent NULL (the last layer of a forward pass) writes the rows as true values,
    x' * 2^e, which may under- or overflow (to +-inf): that is their true value. */
 template <typename T>
@@ -380,6 +407,14 @@ __global__ void vg_forward_epilogue(int rows, int n, int activation, int has_res
                                   &largest, scratch);
     }
     if (norm == VG_NORM_POST) { /* uniform over the block: no thread is left waiting at a barrier */
+        /* a row beyond the floats gets its exponent before LN squares it (squares of 2^512 are inf) */
+        bool shifted;
+        e_y = vg_rescale_row(n, hr, e_y, vg_block_max(largest, scratch), &shifted);
+        if (shifted) { /* LN's mean of the rescaled entries (each thread's own: no barrier needed) */
+            total = 0;
+            for (int i = threadIdx.x; i < n; i += blockDim.x)
+                total += (double)hr[i];
+        }
         const T inv_std = vg_layer_norm_row(n, total, (const T *)hr, hr, e_y, scratch);
         if (threadIdx.x == 0)
             inv_std_post[row] = inv_std;

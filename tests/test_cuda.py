@@ -617,6 +617,44 @@ def test_homogeneous_stacks_scale_exactly_at_any_input_scale(activation, residua
                                atol=2 * np.finfo(dtype).smallest_subnormal)
 
 
+@requires_cuda
+def test_post_norm_rows_beyond_2_512_are_scaled_before_layer_norm_squares_them():
+    """relu + post-norm at sigma_w 1e160 (float64): y ~ 1e160 squared to inf in LN (was: a zero row
+    and every log norm -inf).  The row check before LN (mirrors 428e4e0) gives the reference's
+    profile; LN makes the outputs independent of the weights' scale c, so the input's gradient is
+    that of the weights / 1e150 and each weight gradient is 1e150 times smaller."""
+    import cupy
+
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    huge = vg.Stack.random(3, 8, activation="relu", sigma_w=1e160, norm="post", seed=0)
+    moderate = vg.Stack(huge.weights / 1e150, huge.biases, activation="relu", norm="post")
+    high, low = (vg.gradient_profile(on(cupy, s), cupy.asarray(x)).to_numpy() for s in (huge, moderate))
+    expected = vg.gradient_profile(huge, x, backend="numpy")
+    for field in ("log_grad_norm", "log_weight_grad_norm"):
+        assert np.all(np.isfinite(getattr(high, field))), field
+        np.testing.assert_allclose(getattr(high, field), getattr(expected, field), rtol=1e-12, err_msg=field)
+    np.testing.assert_allclose(high.log_grad_norm, low.log_grad_norm, rtol=1e-12)
+    np.testing.assert_allclose(high.log_weight_grad_norm, low.log_weight_grad_norm - 150 * math.log(10),
+                               rtol=1e-12)
+
+
+@requires_cuda
+def test_float32_layer_norm_of_constant_rows_beyond_the_floats():
+    """A pre-norm residual float32 stack on constant rows of 1e36 (beyond 2**30: scaled) equals the
+    same at 1e30: LN of a constant row is 0 whatever its scale (its factor is 0, not 0 * inf, and
+    eps 4**-e is taken in double), and the true inv_std is 1 / sqrt(eps) (mirrors 428e4e0)."""
+    import cupy
+
+    pre = vg.Stack.random(3, 4, activation="relu", norm="pre", residual=1.0, dtype="float32", seed=0)
+    device_stack = on(cupy, pre)
+    inputs = {scale: cupy.asarray(np.full((2, 4), scale, np.float32)) for scale in (1e30, 1e36)}
+    at = {scale: vg.gradient_profile(device_stack, x).to_numpy() for scale, x in inputs.items()}
+    assert np.all(np.isfinite(at[1e36].log_grad_norm))
+    np.testing.assert_allclose(at[1e36].log_grad_norm, at[1e30].log_grad_norm, rtol=1e-6)
+    expected = vg.gradient_profile(pre, np.full((2, 4), 1e36, np.float32), backend="numpy")
+    np.testing.assert_allclose(at[1e36].log_grad_norm, expected.log_grad_norm, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Without a GPU: a clear refusal
 # ---------------------------------------------------------------------------

@@ -22,8 +22,10 @@ vgcore.reference.stack): every stored row of activations carries an int32
 exponent, its true values being the row times 2**exponent.  A row whose
 largest entry falls outside [2**-SCALE_RANGE, 2**SCALE_RANGE) is stored scaled
 (exponent < 0 below, > 0 beyond) so that no forward pass under- or overflows;
-rows in range have exponent 0 and are computed as before.  LN of a row beyond
-the floats gives true values (the pre-norm's u has exponent min(e, 0)), and
+rows in range have exponent 0 and are computed as before (exponents saturate at
++-2**29).  The post-norm's row gets the row check before LN, so LN never squares
+entries beyond the floats; LN of a row beyond the floats gives true values
+(the pre-norm's u has exponent min(e, 0)), and
 the weight-gradient norm rescales the weighted cotangents at h by a power of
 two when their squares would leave the floats (in the last block of the VJP
 epilogue, so no launch is added).  The exponents live on the device beside the rows
