@@ -64,8 +64,6 @@ cdef extern from "vg_sweep.h" nogil:
     void vg_renormalise_rows_f(long rows, long n, float *g, double *log_scale, double *log_norm_out,
                                long stride)
     void vg_tanh_block_d(long rows, long n, double *h, const double *bias, double *derivative)
-    double vg_largest_entry_d(long count, const double *a)
-    double vg_largest_entry_f(long count, const float *a)
     double vg_squared_gradient_norm_d(long rows, long n, const double *g, const double *u, double *scratch)
     double vg_squared_gradient_norm_f(long rows, long n, const float *g, const float *u, double *scratch)
 
@@ -137,13 +135,6 @@ cdef inline void _renormalise_rows(Py_ssize_t rows, Py_ssize_t n, floating *g, d
         vg_renormalise_rows_f(rows, n, g, log_scale, log_norm_out, stride)
 
 
-cdef inline double _largest_entry(Py_ssize_t count, const floating *a) noexcept nogil:
-    if floating is double:
-        return vg_largest_entry_d(count, a)
-    else:
-        return vg_largest_entry_f(count, a)
-
-
 cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating *cotangents_h,
                                   const floating *u_in, const double *log_scale_h, floating *g,
                                   floating *u, double *gradient) noexcept nogil:
@@ -164,8 +155,8 @@ cdef double _weight_gradient_norm(Py_ssize_t batch, Py_ssize_t n, const floating
         weight = exp(log_scale_h[b] - top)
         for i in range(n):
             g[b * n + i] = <floating> (weight * cotangents_h[b * n + i])
-    g_scale = _largest_entry(batch * n, g)
-    u_scale = _largest_entry(batch * n, u_in)
+    g_scale = _largest_magnitude(batch * n, g)
+    u_scale = _largest_magnitude(batch * n, u_in)
     if g_scale == 0 or u_scale == 0:
         return -INFINITY
     g_inverse = 1.0 / g_scale
